@@ -1,0 +1,275 @@
+"""Every weight format Harmon ships in, and the project's own.
+
+Formats read:
+- native release: ``harmon_*.pth`` (flat state dict without ``vae.``) + ``kl16.ckpt`` (a dict
+  whose ``model`` entry is the VAE state dict);
+- Hugging Face directories (``config.json`` with ``llm`` and ``mar`` sections, ``model.safetensors``
+  or sharded ``model-0000x-of-0000y.safetensors`` with an index, keys with ``vae.``);
+- the project's own directories (same layout, plus a ``vae`` section and ``tokenizer.json``),
+  written by :func:`save_pretrained`.
+
+Models are built on the meta device and the loaded tensors are assigned in place, so a large
+model is never held twice in memory (``.pth`` files are memory-mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configs import HarmonConfig, preset
+from .models.harmon import HarmonModel
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model it is loaded into."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.pth``/``.pt``/``.ckpt``/``.bin`` or ``.safetensors`` file, or of a directory
+    holding ``model.safetensors`` (or shards with ``model.safetensors.index.json``).
+
+    Torch pickles are loaded with ``weights_only=True`` and memory-mapped. A dict wrapping the
+    weights under ``model``/``state_dict``/``module`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        return _read_dir(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors([path])
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for non-checkpoints
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}"
+                                  f": {str(e)[:200]})") from None
+    return _unwrap(obj, path)
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds no state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors")
+    # strip a DDP wrapper prefix
+    if all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _read_dir(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{path}: shard(s) {missing} named in {index.name} are missing")
+        return _read_safetensors([path / s for s in shards])
+    single = path / MODEL_FILE
+    if single.is_file():
+        return _read_safetensors([single])
+    shards = sorted(path.glob("model-*-of-*.safetensors"))
+    if shards:
+        return _read_safetensors(shards)
+    for name in ("pytorch_model.bin", "model.pth"):
+        if (path / name).is_file():
+            return read_state_dict(path / name)
+    raise FileNotFoundError(f"{path} holds no weights (expected {MODEL_FILE}, sharded "
+                            "model-*.safetensors with an index, or pytorch_model.bin)")
+
+
+def read_config(path: str | Path) -> HarmonConfig:
+    """The :class:`HarmonConfig` of a model directory (ours or Hugging Face's)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}")
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from None
+    return HarmonConfig.from_dict(d.get("model", d))
+
+
+# ----------------------------------------------------------------------------------------------
+# building and assigning
+
+
+def empty_model(cfg: HarmonConfig) -> HarmonModel:
+    """A model whose parameters live on the meta device (no memory)."""
+    with torch.device("meta"):
+        return HarmonModel(cfg)
+
+
+def expected_shapes(cfg: HarmonConfig) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in empty_model(cfg).state_dict().items()}
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> HarmonConfig:
+    """The preset whose parameter shapes match a (VAE-less) Harmon state dict."""
+    for name in ("harmon-0.5b", "harmon-1.5b", "tiny"):
+        cfg = preset(name)
+        shapes = expected_shapes(cfg)
+        keys = [k for k in state_dict if not k.startswith("vae.")]
+        if keys and all(k in shapes and shapes[k] == tuple(state_dict[k].shape) for k in keys):
+            return cfg
+    width = state_dict.get("proj_in.0.weight")
+    raise CheckpointError("the checkpoint matches no preset (harmon-0.5b, harmon-1.5b, tiny); "
+                          f"proj_in.0.weight has shape "
+                          f"{None if width is None else tuple(width.shape)}. Pass config=...")
+
+
+def load_weights(model: HarmonModel, state_dict: dict[str, torch.Tensor], *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 strict: bool = True, source: str = "checkpoint") -> HarmonModel:
+    """Assign ``state_dict`` into a (meta or real) ``model``, converting each tensor on the way.
+
+    Missing keys are an error (a tied ``llm.lm_head.weight`` may be absent); unexpected keys are an
+    error when ``strict``, else a warning. Shape mismatches always fail, naming the key.
+    """
+    own = model.state_dict()
+    tied = model.cfg.llm.tie_word_embeddings
+    sd = dict(state_dict)
+    if tied:
+        sd.pop("llm.lm_head.weight", None)
+    wanted = {k for k in own if not (tied and k == "llm.lm_head.weight")}
+    missing = sorted(wanted - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    if missing:
+        raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs, e.g. "
+                              f"{missing[:8]}" + _hint(missing, unexpected))
+    if unexpected:
+        msg = (f"{source} has {len(unexpected)} weight(s) the model does not know, e.g. "
+               f"{unexpected[:8]}")
+        if strict:
+            raise CheckpointError(msg + _hint(missing, unexpected))
+        warnings.warn(msg + " (ignored)")
+    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wanted
+           if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        k, got, exp = bad[0]
+        raise CheckpointError(f"{source} does not fit the {model.cfg.name} model: {len(bad)} "
+                              f"weight(s) differ in shape, e.g. {k} is {got}, expected {exp}")
+    device = torch.device(device)
+    converted = {}
+    for k in wanted:
+        t = sd.pop(k)
+        # keep floating weights in the target dtype; integer buffers as they are
+        converted[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(converted, strict=False, assign=True)
+    tie_and_materialize(model, device)
+    return model
+
+
+def _hint(missing: list[str], unexpected: list[str]) -> str:
+    if missing and all(k.startswith("vae.") for k in missing):
+        return " -- the VAE weights are missing: pass the kl16.ckpt file (vae=...)"
+    if any(k.startswith(("model.", "lm_head.")) for k in unexpected):
+        return " -- this looks like a bare Qwen2 checkpoint, not a Harmon one"
+    return ""
+
+
+def tie_and_materialize(model: HarmonModel, device: torch.device) -> None:
+    """Re-tie the output embedding and build the buffers a state dict does not carry."""
+    from .models.llm import tie_output_embedding
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    tie_output_embedding(model.llm)
+    if any(b.is_meta for b in model.llm.model.rotary_emb.buffers()):
+        # built on the CPU then moved: the constructor's signature differs between versions
+        model.llm.model.rotary_emb = Qwen2RotaryEmbedding(config=model.llm.config).to(device)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                  if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"weights never loaded: {still_meta[:8]}")
+
+
+def load_harmon(path: str | Path, *, vae: str | Path | None = None,
+                config: HarmonConfig | None = None, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32, strict: bool = True) -> HarmonModel:
+    """Load a Harmon model from any supported format.
+
+    Args:
+        path: a native ``.pth`` file, or a model directory (Hugging Face or ours).
+        vae: ``kl16.ckpt`` for native files (default: ``kl16.ckpt`` beside ``path``).
+        config: the architecture; default: the directory's config.json, or the preset whose shapes
+            match a native file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        cfg = config or read_config(path)
+        sd = read_state_dict(path)
+        if vae is not None:
+            sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
+    else:
+        sd = read_state_dict(path)
+        cfg = config or infer_config(sd)
+        if not any(k.startswith("vae.") for k in sd):
+            vae = Path(vae) if vae is not None else path.parent / "kl16.ckpt"
+            if not vae.exists():
+                raise FileNotFoundError(
+                    f"{path.name} holds no VAE weights and no VAE file was found at {vae}; pass "
+                    "vae=PATH to kl16.ckpt")
+            sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
+    model = empty_model(cfg)
+    load_weights(model, sd, device=device, dtype=dtype, strict=strict, source=str(path))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def save_pretrained(model: HarmonModel, path: str | Path, tokenizer=None,
+                    extra_config: dict | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to a directory.
+
+    The tied output embedding is stored once. Existing files are replaced only after the new ones
+    are fully written, so an interrupted save never destroys a previous model.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.llm.tie_word_embeddings:
+        sd.pop("llm.lm_head.weight", None)
+    cfg = {"format": "harmon", "model": model.cfg.to_dict(), **(extra_config or {})}
+    tmp = path / (MODEL_FILE + ".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path / MODEL_FILE)
+    tmp_cfg = path / (CONFIG_FILE + ".tmp")
+    tmp_cfg.write_text(json.dumps(cfg, indent=1))
+    tmp_cfg.replace(path / CONFIG_FILE)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -1,0 +1,203 @@
+"""MAR encoder and decoder (the image side of Harmon).
+
+The encoder reads the *visible* latent tokens plus 64 buffer slots; the decoder scatters its input
+back onto the full token grid (masked slots hold a learned mask token) and produces one
+conditioning vector per image token for the diffusion head. Parameter names follow the MAR
+reference (timm ViT blocks), so released checkpoints load under the ``mar.`` prefix.
+
+Position tables are learned for the nominal 16x16 grid; other grids use a bilinear resize of the
+256 image rows (the 64 buffer rows are never resized).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..configs import MARConfig
+from .diffusion import DiffLoss
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with a fused qkv projection (timm layout)."""
+
+    def __init__(self, dim: int, num_heads: int, attn_drop: float, proj_drop: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.proj_drop(self.proj(y))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact erf GELU, as timm
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float, attn_drop: float,
+                 proj_drop: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def resize_pos_embed(table: torch.Tensor, grid: tuple[int, int], nominal: int,
+                     prefix: int) -> torch.Tensor:
+    """Position table for ``grid``.
+
+    Args:
+        table: (1, prefix + nominal**2, D) learned table; the first ``prefix`` rows (buffers) are
+            kept, the rest is viewed as a nominal x nominal map and bilinearly resized.
+        grid: (h, w) token grid.
+    Returns:
+        (1, prefix + h*w, D)
+    """
+    h, w = grid
+    if (h, w) == (nominal, nominal):
+        return table
+    head, body = table[:, :prefix], table[:, prefix:]
+    D = body.shape[-1]
+    body = body.reshape(1, nominal, nominal, D).permute(0, 3, 1, 2)  # (1, D, 16, 16)
+    body = F.interpolate(body, size=(h, w), mode="bilinear", align_corners=False)
+    body = body.permute(0, 2, 3, 1).reshape(1, h * w, D)
+    return torch.cat([head, body], dim=1)
+
+
+class MAR(nn.Module):
+    """MAR encoder + decoder + diffusion head (``diffloss``), as used inside Harmon."""
+
+    def __init__(self, cfg: MARConfig):
+        super().__init__()
+        self.cfg = cfg
+        D_enc, D_dec = cfg.encoder_embed_dim, cfg.decoder_embed_dim
+        n_pos = cfg.buffer_size + cfg.seq_h ** 2
+        block = lambda dim, heads: Block(dim, heads, cfg.mlp_ratio, cfg.norm_eps,
+                                         cfg.attn_dropout, cfg.proj_dropout)
+        # encoder
+        self.class_emb = nn.Embedding(cfg.class_num, D_enc)  # unused; kept so checkpoints load
+        self.fake_latent = nn.Parameter(torch.zeros(1, D_enc))
+        self.z_proj = nn.Linear(cfg.token_dim, D_enc, bias=True)
+        self.z_proj_ln = nn.LayerNorm(D_enc, eps=cfg.norm_eps)
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_enc))
+        self.encoder_blocks = nn.ModuleList(
+            [block(D_enc, cfg.encoder_num_heads) for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = nn.LayerNorm(D_enc, eps=cfg.norm_eps)
+        # decoder
+        self.decoder_embed = nn.Linear(D_enc, D_dec, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, D_dec))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_dec))
+        self.decoder_blocks = nn.ModuleList(
+            [block(D_dec, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(D_dec, eps=cfg.norm_eps)
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.seq_h ** 2, D_dec))
+        # per-token diffusion head
+        self.diffloss = DiffLoss(cfg)
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def initialize_weights(self):
+        """MAR's initialisation for training from scratch (the head initialises itself)."""
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token,
+                  self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
+                  self.diffusion_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        head = {id(m) for m in self.diffloss.modules()}
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and id(m) not in head:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.diffloss.net.initialize_weights()
+
+    def pos_embed(self, table: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
+        return resize_pos_embed(table, grid, self.cfg.seq_h, prefix)
+
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+    def encode(self, tokens: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """MAR encoder.
+
+        Args:
+            tokens: (B, N, 16) latent tokens in raster order, N = h*w.
+            mask: (B, N), 1 = masked (dropped). Every row must mask the same number of tokens.
+            grid: (h, w).
+        Returns:
+            (B, 64 + n_vis, D_enc): the 64 buffers first, then the visible tokens in raster order.
+        """
+        B, N, _ = tokens.shape
+        nb = self.cfg.buffer_size
+        x = self.z_proj(tokens)  # (B, N, D)
+        buffers = self.fake_latent.to(x.dtype).expand(B, nb, -1)
+        x = torch.cat([buffers, x], dim=1)  # (B, 64+N, D)
+        x = x + self.pos_embed(self.encoder_pos_embed_learned, grid, nb).to(x.dtype)
+        x = self.z_proj_ln(x)
+        visible = _visible_with_buffers(mask, nb)  # (B, 64+N) bool
+        x = x[visible].reshape(B, -1, x.shape[-1])  # (B, 64+n_vis, D)
+        x = self._run(self.encoder_blocks, x)
+        return self.encoder_norm(x)
+
+    def decode(self, x: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """MAR decoder.
+
+        Args:
+            x: (B, 64 + n_vis, D_enc) encoder output (after the LLM residual in Harmon).
+            mask: (B, N) the mask the encoder saw.
+            grid: (h, w).
+        Returns:
+            (B, N, D_dec): one conditioning vector per image token.
+        """
+        B, N = mask.shape
+        nb = self.cfg.buffer_size
+        x = self.decoder_embed(x)
+        visible = _visible_with_buffers(mask, nb)
+        full = self.mask_token.to(x.dtype).expand(B, nb + N, -1).clone()  # (B, 64+N, D)
+        full[visible] = x.reshape(-1, x.shape[-1])
+        full = full + self.pos_embed(self.decoder_pos_embed_learned, grid, nb).to(x.dtype)
+        full = self._run(self.decoder_blocks, full)
+        full = self.decoder_norm(full)[:, nb:]  # (B, N, D)
+        return full + self.pos_embed(self.diffusion_pos_embed_learned, grid, 0).to(full.dtype)
+
+
+def _visible_with_buffers(mask: torch.Tensor, num_buffers: int) -> torch.Tensor:
+    """(B, N) float/bool mask (1 = masked) -> (B, num_buffers + N) bool, True = kept."""
+    counts = mask.bool().sum(dim=1)
+    if counts.numel() and bool((counts != counts[0]).any()):
+        raise ValueError("every row of a MAR batch must mask the same number of tokens; got "
+                         f"masked counts {counts.tolist()}")
+    buffers = torch.ones(mask.shape[0], num_buffers, dtype=torch.bool, device=mask.device)
+    return torch.cat([buffers, ~mask.bool()], dim=1)

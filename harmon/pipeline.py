@@ -1,0 +1,286 @@
+"""The user-facing object: :class:`Harmon` = network + tokenizer + device, with ``generate`` and
+``answer``.
+
+    >>> from harmon import Harmon
+    >>> model = Harmon.from_pretrained("tiny")            # random weights, for trying the API
+    >>> images = model.generate(["a red circle"], seed=0)  # list of PIL images
+    >>> model.answer(images, ["What is in the image?"])    # list of strings
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from . import checkpoints
+from .configs import HarmonConfig, PRESETS, preset
+from .generate import StepInfo, sample_tokens, to_uint8
+from .models.harmon import HarmonModel
+from .rng import TorchDraws
+from .tokenizer import CAPTION_QUESTION, HarmonTokenizer, byte_level_tokenizer
+from .understand import decode, image_embeddings, preprocess
+
+SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapeworld"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"``/None picks cuda, then mps, then cpu; an unavailable device is a clear error."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N, mps or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} requested but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device type {dev.type!r}; expected cpu, cuda or mps")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None: float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPUs."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def random_model(cfg: HarmonConfig, seed: int = 0) -> HarmonModel:
+    """A randomly initialised model (the from-scratch initialisation of every part)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HarmonModel(cfg)
+        model.mar.initialize_weights()
+        model.vae.initialize_weights()
+    return model.eval()
+
+
+class Harmon:
+    """A ready-to-use Harmon: ``generate`` images from text and ``answer`` questions on images."""
+
+    def __init__(self, model: HarmonModel, tokenizer: HarmonTokenizer, name: str = "harmon",
+                 trained: bool = True):
+        if tokenizer.vocab_size > model.cfg.llm.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                             f"embedding table only {model.cfg.llm.vocab_size} rows")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.trained = trained
+
+    # ---- loading and saving ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_preset: str | Path | None = None, *, device=None, dtype=None,
+                        vae: str | Path | None = None, tokenizer: str | Path | None = None,
+                        config: HarmonConfig | None = None, seed: int = 0,
+                        strict: bool = True) -> "Harmon":
+        """Load a model.
+
+        Args:
+            path_or_preset: a preset name (``tiny``, ``harmon-0.5b``, ``harmon-1.5b``: random
+                weights), a model directory (ours or Hugging Face), a native ``harmon_*.pth``, or
+                None for the model shipped with the package.
+            device: ``cpu``, ``cuda``, ``mps`` or ``auto`` (default).
+            dtype: default float32 on CPU, bfloat16 on GPUs.
+            vae: ``kl16.ckpt`` for native files (default: beside the ``.pth``).
+            tokenizer: a directory with ``tokenizer.json`` (default: the model directory, or the
+                directory of the ``.pth``).
+        """
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        if path_or_preset is None:
+            if not (SHIPPED_MODEL_DIR / checkpoints.CONFIG_FILE).is_file():
+                raise FileNotFoundError("this install ships no trained model yet; load a preset "
+                                        f"({', '.join(PRESETS)}) or a checkpoint path")
+            path_or_preset = SHIPPED_MODEL_DIR
+        if isinstance(path_or_preset, str) and path_or_preset.lower() in {
+                *PRESETS, "0.5b", "1.5b", "harmon_0.5b", "harmon_1.5b"} \
+                and not Path(path_or_preset).exists():
+            cfg = config or preset(path_or_preset)
+            model = random_model(cfg, seed).to(device=dev, dtype=dt)
+            tok = HarmonTokenizer.from_dir(tokenizer) if tokenizer else byte_level_tokenizer()
+            return cls(model, tok, name=f"{cfg.name} (random weights)", trained=False)
+        path = Path(path_or_preset)
+        if not path.exists():
+            raise FileNotFoundError(f"no model at {path}: expected a preset name "
+                                    f"({', '.join(PRESETS)}), a model directory or a .pth file")
+        model = checkpoints.load_harmon(path, vae=vae, config=config, device=dev, dtype=dt,
+                                        strict=strict)
+        tok_dir = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent)
+        return cls(model, HarmonTokenizer.from_dir(tok_dir), name=path.name)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.json, model.safetensors and tokenizer.json to ``path``."""
+        return checkpoints.save_pretrained(self.model, path, self.tokenizer)
+
+    def to(self, device=None, dtype=None) -> "Harmon":
+        dev = resolve_device(device) if device is not None else self.device
+        self.model.to(device=dev, dtype=resolve_dtype(dtype, dev) if dtype else self.model.dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def cfg(self) -> HarmonConfig:
+        return self.model.cfg
+
+    def info(self) -> dict:
+        """Name, device, dtype and parameter counts per part."""
+        parts = {"vae": self.model.vae, "mar_encoder_decoder": self.model.mar,
+                 "diffusion_head": self.model.mar.diffloss, "llm": self.model.llm,
+                 "connectors": torch.nn.ModuleList([self.model.proj_in, self.model.proj_out])}
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        counts["mar_encoder_decoder"] -= counts["diffusion_head"]
+        return {"name": self.name, "trained": self.trained, "device": str(self.device),
+                "dtype": str(self.model.dtype).replace("torch.", ""),
+                "image_size": self.cfg.image_size, "parameters": counts,
+                "total_parameters": sum(p.numel() for p in self.model.parameters())}
+
+    # ---- text to image ---------------------------------------------------------------------
+
+    def _generator(self, seed: int | None, generator: torch.Generator | None) -> torch.Generator:
+        if generator is not None:
+            return generator
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def _prompt_batch(self, prompts: Sequence[str], n: int, guided: bool):
+        rows = [self.tokenizer.generation_ids(p) for p in prompts for _ in range(n)]
+        if guided:
+            rows += [self.tokenizer.unconditional_ids()] * len(rows)
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
+                 size: int | tuple[int, int] | None = None, steps: int = 64, cfg: float = 3.0,
+                 cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
+                 generator: torch.Generator | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None,
+                 output: str = "pil") -> list[Image.Image] | torch.Tensor:
+        """Generate images.
+
+        Args:
+            prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
+            size: an int (square) or (height, width), multiples of 16; default the model's.
+            steps: K, the number of masked-generation steps (default 64).
+            cfg: guidance scale (>= 1; 1 disables guidance); cfg_schedule "constant" or "linear".
+            seed / generator: same seed, same device, same images.
+            on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
+            output: "pil" (list of images, prompt-major) or "uint8" ((B, H, W, 3) tensor).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("no prompt given: pass a string or a non-empty list of strings")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        if cfg < 1:
+            raise ValueError(f"cfg must be >= 1 (1 disables guidance), got {cfg}")
+        if output not in ("pil", "uint8"):
+            raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
+        size = size or self.cfg.image_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        grid = self.model.grid_for(h, w)
+        ids, mask = self._prompt_batch(prompts, num_images_per_prompt, cfg != 1.0)
+        draws = TorchDraws(self._generator(seed, generator))
+        tokens = sample_tokens(self.model, ids, mask, grid, draws, num_iter=steps, cfg=cfg,
+                               cfg_schedule=cfg_schedule, temperature=temperature,
+                               on_step=on_step)
+        P = len(prompts) * num_images_per_prompt
+        images = to_uint8(self.model.decode_tokens(tokens[:P], grid).float()).cpu()
+        if output == "uint8":
+            return images
+        return [Image.fromarray(im.numpy()) for im in images]
+
+    def preview(self, info: StepInfo, grid: tuple[int, int]) -> list[Image.Image]:
+        """Decode the tokens known so far (masked ones at zero) to images, for live previews."""
+        with torch.no_grad():
+            tokens = info.tokens * (1 - info.mask[..., None])
+            P = tokens.shape[0] // 2 if info.cfg != 1.0 else tokens.shape[0]
+            imgs = to_uint8(self.model.decode_tokens(tokens[:P], grid).float()).cpu()
+        return [Image.fromarray(im.numpy()) for im in imgs]
+
+    # ---- image to text ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def answer(self, images, questions: str | Sequence[str], *, size: int | None = None,
+               max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None) -> list[str]:
+        """Answer one question per image (a single question is asked of every image).
+
+        Images may be PIL images, paths or (H, W, 3) uint8 arrays. Greedy decoding by default;
+        ``do_sample=True`` samples with ``temperature`` and ``top_p``.
+        """
+        if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no image given")
+        if isinstance(questions, str):
+            questions = [questions] * len(images)
+        questions = list(questions)
+        if len(questions) != len(images):
+            raise ValueError(f"got {len(images)} image(s) but {len(questions)} question(s); pass "
+                             "one question per image or a single question for all")
+        size = size or self.cfg.image_size
+        self.model.grid_for(size)
+        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
+        img = image_embeddings(self.model, pixels)  # (B, N+64, H)
+        rows = [self.tokenizer.question_ids(q, img.shape[1]) for q in questions]
+        L = max(len(r) for r in rows)
+        # left padding keeps every row's last token at the end, where decoding continues
+        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.tensor(r)
+            mask[i, L - len(r):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.model.splice_images(ids, img, self.tokenizer.image_id)
+        gen = self._generator(seed, None) if do_sample else None
+        new = decode(self.model, embeds, mask, self.tokenizer.im_end_id, max_new_tokens,
+                     do_sample, temperature, top_p, gen)
+        return [self.tokenizer.decode(r).strip() for r in new]
+
+    def caption(self, images, **kwargs) -> list[str]:
+        """Describe each image (the reference's demo question)."""
+        if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
+            images = [images]
+        return self.answer(images, [CAPTION_QUESTION] * len(list(images)), **kwargs)
+
+    def __repr__(self) -> str:
+        i = self.info()
+        return (f"Harmon({i['name']!r}, device={i['device']}, dtype={i['dtype']}, "
+                f"params={i['total_parameters'] / 1e6:.1f}M)")
+
+
+def warn_if_untrained(model: Harmon) -> None:
+    if not model.trained:
+        warnings.warn(f"{model.name}: the weights are random, so outputs are noise", stacklevel=2)
