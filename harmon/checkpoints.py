@@ -164,6 +164,13 @@ def load_weights(model: HarmonModel, state_dict: dict[str, torch.Tensor], *,
     wanted = {k for k in own if not (tied and k == "llm.lm_head.weight")}
     missing = sorted(wanted - set(sd))
     unexpected = sorted(set(sd) - set(own))
+    # shapes first: a checkpoint of another size should be named as such, not as missing keys
+    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in sorted(wanted & set(sd))
+           if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if bad:
+        k, got, exp = bad[0]
+        raise CheckpointError(f"{source} does not fit the {model.cfg.name} model: {len(bad)} "
+                              f"weight(s) differ in shape, e.g. {k} is {got}, expected {exp}")
     if missing:
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs, e.g. "
                               f"{missing[:8]}" + _hint(missing, unexpected))
@@ -173,12 +180,6 @@ def load_weights(model: HarmonModel, state_dict: dict[str, torch.Tensor], *,
         if strict:
             raise CheckpointError(msg + _hint(missing, unexpected))
         warnings.warn(msg + " (ignored)")
-    bad = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wanted
-           if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if bad:
-        k, got, exp = bad[0]
-        raise CheckpointError(f"{source} does not fit the {model.cfg.name} model: {len(bad)} "
-                              f"weight(s) differ in shape, e.g. {k} is {got}, expected {exp}")
     device = torch.device(device)
     converted = {}
     for k in wanted:
@@ -234,6 +235,10 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
             sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
     else:
         sd = read_state_dict(path)
+        if not any(k.startswith(("llm.", "mar.", "proj_in.", "proj_out.")) for k in sd):
+            raise CheckpointError(f"{path} is not a Harmon checkpoint: it has no llm./mar./proj_* "
+                                  f"weights (first keys: {sorted(sd)[:4]})"
+                                  + _hint([], sorted(sd)))
         cfg = config or infer_config(sd)
         if not any(k.startswith("vae.") for k in sd):
             vae = Path(vae) if vae is not None else path.parent / "kl16.ckpt"

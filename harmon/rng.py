@@ -108,3 +108,37 @@ class ReplayDraws:
 
     def truncnorm(self, low: float, high: float, mean: float, std: float) -> float:
         return float(self._next("truncnorm", None).reshape(-1)[0])
+
+
+class RecordingDraws:
+    """Wraps a draw source and records every draw, to write fixtures that :class:`ReplayDraws`
+    (and hence ``python -m harmon.reference``) can replay."""
+
+    def __init__(self, source):
+        self.source = source
+        self.records: list[dict] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _keep(self, kind: str, value):
+        key = f"draw_{len(self.records):04d}"
+        t = torch.as_tensor(value).detach().cpu()
+        t = t.reshape(1) if kind == "truncnorm" else t
+        self.tensors[key] = t.to(torch.float64) if kind == "truncnorm" else t.contiguous()
+        self.records.append({"index": len(self.records), "key": key, "kind": kind,
+                             "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")})
+        return value
+
+    def randn(self, shape, device=None, dtype=torch.float32):
+        return self._keep("randn", self.source.randn(shape, device=device, dtype=dtype))
+
+    def randn_like(self, x):
+        return self._keep("randn_like", self.source.randn_like(x))
+
+    def randint(self, high, shape, device=None):
+        return self._keep("randint", self.source.randint(high, shape, device=device))
+
+    def permutation(self, n, device=None):
+        return self._keep("shuffle", self.source.permutation(n, device=device))
+
+    def truncnorm(self, low, high, mean, std):
+        return self._keep("truncnorm", self.source.truncnorm(low, high, mean, std))

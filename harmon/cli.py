@@ -1,0 +1,206 @@
+"""The ``harmon`` command line.
+
+    harmon generate "a red circle to the left of a blue square" -n 4 -o out.png
+    harmon ask image.png "How many shapes are there?"
+    harmon caption image.png
+    harmon info
+    harmon reference tests/fixtures/harmon_reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+EXAMPLES = """examples:
+  harmon generate "a red circle" "two blue squares" -n 2 --seed 0 -o samples/
+  harmon generate "a green star" --checkpoint /models/harmon_1.5b.pth --size 512 --device cuda
+  harmon ask photo.png "What colour is the circle?"
+  harmon caption photo.png
+  harmon info --checkpoint tiny
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None,
+                   help="model directory, native .pth, or preset (tiny, harmon-0.5b, harmon-1.5b: "
+                        "random weights); default: the model shipped with harmon")
+    p.add_argument("--vae", default=None, help="kl16.ckpt for a native .pth (default: beside it)")
+    p.add_argument("--tokenizer", default=None, help="directory with tokenizer.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: fp32 on "
+                                                 "CPU, bf16 on GPU)")
+
+
+def _load(args):
+    from .pipeline import Harmon
+
+    model = Harmon.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                   vae=args.vae, tokenizer=args.tokenizer)
+    if not model.trained:
+        print(f"note: {model.name}: outputs are noise until you load trained weights",
+              file=sys.stderr)
+    return model
+
+
+def _output_paths(out: str, count: int) -> list[Path]:
+    """``out`` is a .png/.jpg file (numbered when several images) or a directory."""
+    p = Path(out)
+    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        if count == 1:
+            return [p]
+        return [p.with_name(f"{p.stem}_{i:03d}{p.suffix}") for i in range(count)]
+    return [p / f"{i:05d}.png" for i in range(count)]
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    model = _load(args)
+    size = args.size
+    if size is not None and "x" in str(size):
+        h, w = (int(v) for v in str(size).lower().split("x"))
+        size = (h, w)
+    elif size is not None:
+        size = int(size)
+    total = len(args.prompts) * args.num_images
+    paths = _output_paths(args.output, total)
+    bar = tqdm(total=args.steps, desc="generating", unit="step", disable=args.quiet)
+    t0 = time.perf_counter()
+    images = model.generate(args.prompts, num_images_per_prompt=args.num_images, size=size,
+                            steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                            temperature=args.temperature, seed=args.seed,
+                            on_step=lambda info: bar.update(1))
+    bar.close()
+    for path, image in zip(paths, images):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
+    print(f"{total} image(s) in {time.perf_counter() - t0:.1f}s with {model.name}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_ask(args) -> int:
+    model = _load(args)
+    print(model.answer(args.image, args.question, max_new_tokens=args.max_new_tokens,
+                       size=args.size)[0])
+    return 0
+
+
+def cmd_caption(args) -> int:
+    model = _load(args)
+    for image in args.images:
+        text = model.caption(image, max_new_tokens=args.max_new_tokens, size=args.size)[0]
+        print(f"{image}: {text}" if len(args.images) > 1 else text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import torch
+
+    model = _load(args)
+    info = model.info()
+    info["torch"] = torch.__version__
+    info["cuda_available"] = torch.cuda.is_available()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"model       {info['name']}{'' if info['trained'] else '  (random weights)'}")
+    print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
+    for k, v in info["parameters"].items():
+        print(f"  {k:<22}{v / 1e6:>10.2f} M")
+    print(f"  {'total':<22}{info['total_parameters'] / 1e6:>10.2f} M")
+    return 0
+
+
+def cmd_reference(args) -> int:
+    from .reference import main as reference_main
+
+    return reference_main([args.directory] + (["-v"] if args.verbose else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="harmon", description="Harmon: one model to generate images "
+                                 "from text and answer questions about images.",
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="text to image", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
+    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
+    g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
+    g.add_argument("--steps", type=int, default=64, help="masked-generation steps K")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--size", default=None, help="S or HxW, multiples of 16 (default: model's)")
+    g.add_argument("-o", "--output", default="harmon.png", help="image file or directory")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("ask", help="answer a question about an image")
+    a.add_argument("image")
+    a.add_argument("question")
+    a.add_argument("--max-new-tokens", type=int, default=256)
+    a.add_argument("--size", type=int, default=None, help="input resolution (default: model's)")
+    _add_model_args(a)
+    a.set_defaults(func=cmd_ask)
+
+    c = sub.add_parser("caption", help="describe images")
+    c.add_argument("images", nargs="+")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--size", type=int, default=None)
+    _add_model_args(c)
+    c.set_defaults(func=cmd_caption)
+
+    i = sub.add_parser("info", help="model, device, dtype and parameter counts")
+    i.add_argument("--json", action="store_true")
+    _add_model_args(i)
+    i.set_defaults(func=cmd_info)
+
+    r = sub.add_parser("reference", help="run the parity checker on a fixture directory")
+    r.add_argument("directory")
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(func=cmd_reference)
+
+    _add_optional_commands(sub)
+    return ap
+
+
+def _add_optional_commands(sub) -> None:
+    """Commands whose modules live in sub-packages (data, eval, train)."""
+    from .data.export import add_export_command
+    from .eval.shapes_cli import add_eval_shapes_command
+    from .train.cli import add_train_command
+
+    data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command",
+                                                                          required=True)
+    add_export_command(data)
+    ev = sub.add_parser("eval", help="score models").add_subparsers(dest="eval_command",
+                                                                     required=True)
+    add_eval_shapes_command(ev)
+    add_train_command(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        # user errors: one clear line, no traceback
+        print(f"harmon: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Weight formats: ours (round trip), native .pth + kl16.ckpt, Hugging Face sharded; bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harmon import Harmon
+from harmon.checkpoints import (CheckpointError, empty_model, expected_shapes, infer_config,
+                                load_harmon, read_state_dict)
+from harmon.configs import harmon_0_5b, tiny
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _native_files(model, tmp_path, drop_lm_head=False):
+    sd = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("vae.")}
+    if drop_lm_head:
+        sd.pop("llm.lm_head.weight")
+    torch.save(sd, tmp_path / "harmon_tiny.pth")
+    torch.save({"model": {k[4:]: v.clone() for k, v in model.state_dict().items()
+                          if k.startswith("vae.")}}, tmp_path / "kl16.ckpt")
+    return tmp_path / "harmon_tiny.pth"
+
+
+def test_save_and_load_round_trip(tiny_harmon, tmp_path):
+    tiny_harmon.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors",
+                                                            "tokenizer.json"}
+    loaded = Harmon.from_pretrained(tmp_path / "m")
+    assert _same_weights(loaded.model, tiny_harmon.model)
+    assert loaded.model.llm.lm_head.weight is loaded.model.llm.model.embed_tokens.weight
+    a = tiny_harmon.generate("a", steps=3, seed=0, output="uint8")
+    assert torch.equal(a, loaded.generate("a", steps=3, seed=0, output="uint8"))
+
+
+@pytest.mark.parametrize("drop_lm_head", [False, True])
+def test_native_pth_and_kl16(tiny_harmon, tmp_path, drop_lm_head):
+    pth = _native_files(tiny_harmon.model, tmp_path, drop_lm_head)
+    model = load_harmon(pth)  # config inferred from shapes, VAE found beside the .pth
+    assert model.cfg.name == "tiny" and _same_weights(model, tiny_harmon.model)
+    assert not any(p.is_meta for p in model.parameters())
+
+
+def test_hf_sharded_directory(tiny_harmon, tmp_path):
+    sd = {k: v.clone().contiguous() for k, v in tiny_harmon.model.state_dict().items()
+          if k != "llm.lm_head.weight"}
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    cfg = tiny()
+    llm = {**cfg.to_dict()["llm"], "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+           "torch_dtype": "bfloat16", "bos_token_id": 151643, "sliding_window": 32768}
+    mar = {k: v for k, v in cfg.to_dict()["mar"].items()}
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "harmon", "llm": llm, "mar": mar, "vae": cfg.to_dict()["vae"],
+         "image_size": 64}))
+    tiny_harmon.tokenizer.save(tmp_path)
+    loaded = Harmon.from_pretrained(tmp_path)
+    assert _same_weights(loaded.model, tiny_harmon.model)
+
+
+def test_hf_mar_type_section():
+    from harmon.configs import MARConfig
+
+    m = MARConfig.from_dict({"type": "mar_huge", "diffloss_d": 12, "diffloss_w": 1536})
+    assert (m.encoder_embed_dim, m.encoder_depth, m.decoder_num_heads) == (1280, 20, 16)
+    with pytest.raises(ValueError, match="unknown MAR type"):
+        MARConfig.from_dict({"type": "mar_giant"})
+
+
+def test_wrong_preset_is_named(tiny_harmon, tmp_path):
+    pth = _native_files(tiny_harmon.model, tmp_path)
+    with pytest.raises(CheckpointError, match="does not fit the harmon-0.5b model"):
+        load_harmon(pth, config=harmon_0_5b())
+
+
+def test_checkpoint_of_another_model(tmp_path):
+    torch.save({"model.embed_tokens.weight": torch.zeros(4, 4)}, tmp_path / "qwen.pth")
+    with pytest.raises(CheckpointError, match="not a Harmon checkpoint.*bare Qwen2"):
+        load_harmon(tmp_path / "qwen.pth", config=tiny())
+    torch.save({"mar.z_proj.weight": torch.zeros(5, 16)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="matches no preset"):
+        load_harmon(tmp_path / "other.pth")
+
+
+def test_missing_files(tiny_harmon, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model at"):
+        Harmon.from_pretrained(tmp_path / "nowhere")
+    pth = _native_files(tiny_harmon.model, tmp_path)
+    (tmp_path / "kl16.ckpt").unlink()
+    with pytest.raises(FileNotFoundError, match="kl16.ckpt"):
+        load_harmon(pth)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_harmon(tmp_path / "empty")
+
+
+def test_corrupt_and_unexpected(tiny_harmon, tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        read_state_dict(bad)
+    pth = _native_files(tiny_harmon.model, tmp_path)
+    sd = torch.load(pth, weights_only=True)
+    sd["mar.extra_thing"] = torch.zeros(2)
+    torch.save(sd, pth)
+    with pytest.raises(CheckpointError, match="does not know"):
+        load_harmon(pth, config=tiny())
+    with pytest.warns(UserWarning, match="ignored"):
+        load_harmon(pth, config=tiny(), strict=False)
+    del sd["mar.extra_thing"], sd["mar.z_proj.weight"]
+    torch.save(sd, pth)
+    with pytest.raises(CheckpointError, match="lacks 1 weight"):
+        load_harmon(pth, config=tiny())
+
+
+def test_unknown_preset_and_device():
+    with pytest.raises(FileNotFoundError, match="preset name"):
+        Harmon.from_pretrained("harmon-7b")
+    with pytest.raises(ValueError, match="device"):
+        Harmon.from_pretrained("tiny", device="tpu")
+
+
+def test_official_shapes_of_05b():
+    shapes = expected_shapes(harmon_0_5b())
+    assert shapes["mar.encoder_pos_embed_learned"] == (1, 320, 768)
+    assert shapes["mar.diffusion_pos_embed_learned"] == (1, 256, 768)
+    assert shapes["llm.model.layers.0.self_attn.k_proj.weight"] == (128, 896)
+    assert shapes["mar.diffloss.net.final_layer.linear.weight"] == (32, 1024)
+    assert shapes["proj_in.0.weight"] == (896, 768) and shapes["proj_out.2.weight"] == (768, 896)
+    assert shapes["vae.encoder.conv_out.weight"] == (32, 512, 3, 3)
+    assert shapes["vae.decoder.up.3.block.0.nin_shortcut.weight"] == (256, 512, 1, 1)
+
+
+def test_infer_config_from_shapes():
+    sd = {k: torch.empty(s, device="meta") for k, s in expected_shapes(harmon_0_5b()).items()
+          if not k.startswith("vae.")}
+    assert infer_config(sd).name == "harmon-0.5b"
+
+
+def test_preset_parameter_counts():
+    """The inferred counts of harmon.md §2 (MAR-B: enc 85.1M, dec 85.1M, head 35.7M)."""
+    m = empty_model(harmon_0_5b())
+    count = lambda mod: sum(p.numel() for p in mod.parameters())
+    head = count(m.mar.diffloss)
+    assert abs(head / 1e6 - 35.7) < 0.1
+    assert abs((count(m.mar) - head) / 1e6 - 2 * 85.1 - 0.8) < 1.5  # + class table, dec embed
+    assert abs(count(m.proj_in) + count(m.proj_out) - 3.0e6) < 0.1e6
