@@ -66,7 +66,8 @@ class StepInfo:
 def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   grid: tuple[int, int], draws, num_iter: int = 64, cfg: float = 3.0,
                   cfg_schedule: str = "constant", temperature: float = 1.0,
-                  on_step: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+                  on_step: Callable[[StepInfo], None] | None = None,
+                  head_sampler=None) -> torch.Tensor:
     """Sample latent tokens.
 
     Args:
@@ -76,6 +77,9 @@ def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: t
         grid: (h, w) token grid, N = h*w.
         draws: a draw source (:mod:`harmon.rng`): R permutations, then per step the head's noise.
         num_iter: K, number of MAR steps (1 <= K <= N).
+        head_sampler: an object with ``sample(z, temperature, cfg, draws)`` replacing the
+            reference head sampler (e.g. :class:`harmon.fast.FastHeadSampler`); it may return
+            only the conditional rows.
     Returns:
         (R, N, 16) final tokens (the unconditional rows equal the conditional ones).
     """
@@ -113,10 +117,12 @@ def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: t
             to_pred = mask.bool() ^ mask_next.bool()
         s = cfg_scale_at(cfg, cfg_schedule, mask_len, N) if guided else 1.0
         z_to_pred = z[to_pred]  # (R * p_k, D), row-major
-        sampled = model.mar.diffloss.sample(z_to_pred, temperature, s, draws)
+        head = head_sampler or model.mar.diffloss
+        sampled = head.sample(z_to_pred, temperature, s, draws)
         if guided:
             # only the conditional half is kept; both halves then carry the same tokens
-            tokens[:P][to_pred[:P]] = sampled[: sampled.shape[0] // 2].to(dtype)
+            n_cond = int(to_pred[:P].sum())
+            tokens[:P][to_pred[:P]] = sampled[:n_cond].to(dtype)
             tokens[P:] = tokens[:P]
         else:
             tokens[to_pred] = sampled.to(dtype)

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import checkpoints
 from .configs import HarmonConfig, PRESETS, preset
+from .fast import FastHeadSampler
 from .generate import StepInfo, sample_tokens, to_uint8
 from .models.harmon import HarmonModel
 from .rng import TorchDraws
@@ -84,6 +85,7 @@ class Harmon:
         self.tokenizer = tokenizer
         self.name = name
         self.trained = trained
+        self._fast_heads: dict[bool, FastHeadSampler] = {}
 
     # ---- loading and saving ----------------------------------------------------------------
 
@@ -183,7 +185,8 @@ class Harmon:
                  cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
-                 output: str = "pil") -> list[Image.Image] | torch.Tensor:
+                 output: str = "pil", mode: str = "fast",
+                 compile: bool = False) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
         Args:
@@ -194,6 +197,9 @@ class Harmon:
             seed / generator: same seed, same device, same images.
             on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
             output: "pil" (list of images, prompt-major) or "uint8" ((B, H, W, 3) tensor).
+            mode: "fast" (default: the same tokens as the reference up to float rounding, with
+                less work per step) or "reference" (the reference algorithm, op for op).
+            compile: with mode "fast", compile the head's reverse step (``torch.compile``).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -206,14 +212,25 @@ class Harmon:
             raise ValueError(f"cfg must be >= 1 (1 disables guidance), got {cfg}")
         if output not in ("pil", "uint8"):
             raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
+        if mode not in ("fast", "reference"):
+            raise ValueError(f"mode must be 'fast' or 'reference', got {mode!r}")
         size = size or self.cfg.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         grid = self.model.grid_for(h, w)
         ids, mask = self._prompt_batch(prompts, num_images_per_prompt, cfg != 1.0)
         draws = TorchDraws(self._generator(seed, generator))
-        tokens = sample_tokens(self.model, ids, mask, grid, draws, num_iter=steps, cfg=cfg,
-                               cfg_schedule=cfg_schedule, temperature=temperature,
-                               on_step=on_step)
+        head = None
+        if mode == "fast":
+            if compile not in self._fast_heads:
+                self._fast_heads[compile] = FastHeadSampler(self.model.mar.diffloss, compile)
+            head = self._fast_heads[compile]
+            self.model.mar.pos_cache = {}  # position tables resized once per call
+        try:
+            tokens = sample_tokens(self.model, ids, mask, grid, draws, num_iter=steps, cfg=cfg,
+                                   cfg_schedule=cfg_schedule, temperature=temperature,
+                                   on_step=on_step, head_sampler=head)
+        finally:
+            self.model.mar.pos_cache = None
         P = len(prompts) * num_images_per_prompt
         images = to_uint8(self.model.decode_tokens(tokens[:P], grid).float()).cpu()
         if output == "uint8":

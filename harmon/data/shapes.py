@@ -13,8 +13,8 @@ The vocabulary is deliberately small and regular, chosen so that a simple detect
 shape and every colour at 64 px even after blur (see :mod:`harmon.eval.judge`):
 
 - 8 colours, saturated and far apart in RGB, all bright against the dark backgrounds;
-- 7 shapes drawn upright (no rotation), whose area/bounding-box ratio, convexity, aspect ratio and
-  vertical mass distribution differ;
+- 7 shapes drawn upright (no rotation), whose area/bounding-box ratio, convexity, aspect ratio,
+  up-down symmetry and vertical mass distribution differ;
 - 6 dark, low-saturation backgrounds, plain or with a low-contrast smooth texture.
 """
 
@@ -50,7 +50,7 @@ SHAPES: dict[str, str] = {
     "diamond": "diamonds",
     "star": "stars",
     "cross": "crosses",
-    "hexagon": "hexagons",
+    "semicircle": "semicircles",
 }
 
 COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
@@ -159,9 +159,10 @@ def outline(shape: str) -> np.ndarray | None:
         a, w = 0.92, 0.32  # arm half-length, arm half-width
         p = np.array([[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a],
                       [-w, w], [-a, w], [-a, -w], [-w, -w]])
-    elif shape == "hexagon":
-        # Flat top and bottom: aspect sqrt(3)/2, which tells it from the circle.
-        p = _regular(6, 1.0, 0.0)
+    elif shape == "semicircle":
+        # Dome up, flat side down: half as tall as wide, unlike any other shape.
+        t = np.linspace(0.0, np.pi, 33)
+        p = np.stack([np.cos(t), -np.sin(t)], 1)
     else:  # pragma: no cover - check_shape guards
         raise AssertionError(shape)
     return _bbox_centred(np.asarray(p, dtype=np.float64))

@@ -49,7 +49,7 @@ from .shapes import (BACKGROUNDS, COLOR_NAMES, COLORS, MAX_OBJECTS, NUMBER_WORDS
 #: Colour-shape pairs never produced by a training world (``ShapeWorld(holdout=True).sample``). One per
 #: colour; every shape appears at most twice, so each colour and each shape is still seen in training.
 HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
-    ("red", "hexagon"),
+    ("red", "semicircle"),
     ("orange", "star"),
     ("yellow", "square"),
     ("green", "diamond"),
@@ -679,35 +679,35 @@ class ShapeWorld:
 
     # -- stream items --------------------------------------------------------------------------------
 
-    def t2i_item(self, index: int, style_weights: Mapping[str, float] | None = None,
-                 as_numpy: bool = False) -> dict[str, Any]:
-        """``{"index", "image", "caption", "style"}`` for scene ``index``.
+    def caption_for(self, index: int, scene: Scene | None = None,
+                    style_weights: Mapping[str, float] | None = None) -> tuple[str, str]:
+        """``(caption, style)`` the text-to-image stream pairs with scene ``index``.
 
-        ``image`` is a PIL RGB image, or uint8 (H, W, 3) with ``as_numpy``. The caption style is drawn
-        from ``style_weights`` (default :data:`DEFAULT_STYLE_WEIGHTS`) with its own generator, so the
-        scene does not depend on it.
+        The style is drawn from ``style_weights`` (default :data:`DEFAULT_STYLE_WEIGHTS`) with a
+        generator of its own (``[seed, index, 1]``), so the scene does not depend on it; position
+        styles fall back to short/plain for scenes without a clear relation.
         """
         w = _check_weights(style_weights or DEFAULT_STYLE_WEIGHTS, list(DEFAULT_STYLE_WEIGHTS), "caption style")
-        scene = self.sample(index)
+        scene = scene if scene is not None else self.sample(index)
         style = _choice(np.random.default_rng([self.seed, int(index), 1]), w)
         if style.startswith("position") and scene.relation is None:
             style = "short" if style == "position" else "plain"
-        image = scene.render_array() if as_numpy else scene.render()
-        return {"index": int(index), "image": image, "caption": scene.caption(style), "style": style}
+        return scene.caption(style), style
 
-    def vqa_item(self, index: int, qtype_weights: Mapping[str, float] | None = None, turns: int = 1,
-                 as_numpy: bool = False) -> dict[str, Any]:
-        """``{"index", "image", "conversations", "qtypes"}`` for scene ``index``.
+    def conversation_for(self, index: int, scene: Scene | None = None,
+                         qtype_weights: Mapping[str, float] | None = None, turns: int = 1
+                         ) -> tuple[list[dict[str, str]], list[str]]:
+        """``(conversations, qtypes)`` the VQA stream pairs with scene ``index``.
 
         ``conversations`` is a LLaVA list alternating human/gpt turns, ``<image>`` in the first human
         turn. Each turn's question type is drawn from ``qtype_weights`` (default
-        :data:`DEFAULT_QTYPE_WEIGHTS`) among the types the scene has, then one question of that type;
-        turns do not repeat a question.
+        :data:`DEFAULT_QTYPE_WEIGHTS`) among the types the scene has (generator ``[seed, index, 2]``),
+        then one question of that type; turns do not repeat a question.
         """
         w = _check_weights(qtype_weights or DEFAULT_QTYPE_WEIGHTS, list(DEFAULT_QTYPE_WEIGHTS), "question type")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
-        scene = self.sample(index)
+        scene = scene if scene is not None else self.sample(index)
         rng = np.random.default_rng([self.seed, int(index), 2])
         pool = scene.questions()
         conv: list[dict[str, str]] = []
@@ -725,6 +725,25 @@ class ShapeWorld:
             conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q.question},
                      {"from": "gpt", "value": q.answer}]
             qtypes.append(qt)
+        return conv, qtypes
+
+    def t2i_item(self, index: int, style_weights: Mapping[str, float] | None = None,
+                 as_numpy: bool = False) -> dict[str, Any]:
+        """``{"index", "image", "caption", "style"}`` for scene ``index`` (see :meth:`caption_for`).
+
+        ``image`` is a PIL RGB image, or uint8 (H, W, 3) with ``as_numpy``.
+        """
+        scene = self.sample(index)
+        caption, style = self.caption_for(index, scene, style_weights)
+        image = scene.render_array() if as_numpy else scene.render()
+        return {"index": int(index), "image": image, "caption": caption, "style": style}
+
+    def vqa_item(self, index: int, qtype_weights: Mapping[str, float] | None = None, turns: int = 1,
+                 as_numpy: bool = False) -> dict[str, Any]:
+        """``{"index", "image", "conversations", "qtypes"}`` for scene ``index`` (see
+        :meth:`conversation_for`)."""
+        scene = self.sample(index)
+        conv, qtypes = self.conversation_for(index, scene, qtype_weights, turns)
         image = scene.render_array() if as_numpy else scene.render()
         return {"index": int(index), "image": image, "conversations": conv, "qtypes": qtypes}
 
@@ -814,20 +833,21 @@ class _Stream:
         self.start, self.length, self.as_numpy = int(start), length, as_numpy
 
     def indices(self) -> Iterator[int]:
-        """Global scene indices of this rank and worker: start + shard, + num_shards, ...
+        """Global scene indices of this rank and worker.
 
-        With ``W`` ranks and ``K`` workers per rank there are ``W * K`` shards; shard
-        ``rank * K + worker`` takes every ``W * K``-th index, so all shards together cover each
-        index of ``[start, start + length)`` exactly once.
+        Rank ``r`` of ``W`` owns ``start + r, start + r + W, start + r + 2W, ...`` (whatever the number
+        of workers, so a rank's data do not change with it), and worker ``w`` of ``K`` takes every
+        ``K``-th of those from the ``w``-th on. All ranks and workers together produce each index of
+        ``[start, start + length)`` exactly once, in increasing order within a worker.
         """
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        shard, nshards = self.rank * nw + wid, self.world_size * nw
-        i = self.start + shard
+        step = self.world_size * nw
+        i = self.start + self.rank + self.world_size * wid
         end = None if self.length is None else self.start + self.length
         while end is None or i < end:
             yield i
-            i += nshards
+            i += step
 
 
 def _dist_rank() -> tuple[int, int]:

@@ -51,9 +51,13 @@ _ALPHA_MAX = 1.25
 COLOR_REJECT = 75.0
 #: A colour holding this share of a component's pixels counts as a separate object (touching objects).
 SPLIT_SHARE = 0.2
-#: Shape distance (in prototype standard deviations, RMS over features) beyond which the shape is
-#: 'unknown': random blobs do not get a name.
-SHAPE_REJECT = 4.0
+#: Shape distance (RMS over scaled features, see :func:`classify_shape`) beyond which the shape is
+#: 'unknown', so random blobs get no name. The world's own objects stay below ~1.3 even blurred with
+#: sigma = 1.5 px at 64 px plus noise (99% below 0.65); blobs of smooth noise have a median of ~2.8.
+SHAPE_REJECT = 1.6
+#: Largest object, as a fraction of the image: ShapeWorld's largest covers ~20%; a region covering more
+#: than half the image is a background the border median missed, not an object.
+MAX_AREA_FRAC = 0.5
 
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)  # (K, 3)
 
@@ -266,75 +270,106 @@ def _hull_area_perimeter(mask: np.ndarray) -> tuple[float, float]:
     return area, perim
 
 
-FEATURE_NAMES = ("extent", "solidity", "log_aspect", "top_share", "hull_compactness")
+FEATURE_NAMES = ("extent", "solidity", "log_aspect", "top_share", "flip_iou", "corner_fill",
+                 "hull_compactness")
 
 
 def shape_features(mask: np.ndarray) -> np.ndarray:
-    """Scale-free features of one object mask (bool (H, W), non-empty): float64 (5,).
+    """Scale-free features of one object mask (bool (H, W), non-empty): float64 (7,).
 
-    extent = area / bounding box; solidity = area / convex hull; log_aspect = log(height / width);
-    top_share = share of the area above the box's mid-line; hull_compactness =
-    hull perimeter^2 / (4 pi hull area) (1 for a disc).
+    - extent: area / bounding box;
+    - solidity: area / convex hull of the pixel squares;
+    - log_aspect: log(box height / box width);
+    - top_share: share of the area above the box's mid-line;
+    - flip_iou: IoU of the mask with its upside-down flip inside the box (up-down symmetry);
+    - corner_fill: mean fill of the four corner cells of a 3 x 3 grid over the box;
+    - hull_compactness: hull perimeter^2 / (4 pi hull area), 1 for a disc.
     """
     ys, xs = np.nonzero(mask)
     area = float(len(ys))
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    bh, bw = float(y1 - y0), float(x1 - x0)
-    hull_area, hull_perim = _hull_area_perimeter(mask[y0:y1, x0:x1])
-    mid = y0 + bh / 2
-    rows = np.bincount(ys - y0, minlength=int(bh)).astype(np.float64)
-    centres = y0 + np.arange(int(bh)) + 0.5
+    box = mask[y0:y1, x0:x1]
+    bh, bw = box.shape
+    hull_area, hull_perim = _hull_area_perimeter(box)
+    rows = box.sum(1).astype(np.float64)
+    centres = np.arange(bh) + 0.5
     # A row straddling the mid-line counts half: exact for odd heights.
-    weight = np.clip(mid - (centres - 0.5), 0, 1)
-    top = float((rows * weight).sum()) / area
-    return np.array([area / (bh * bw), area / max(hull_area, area), math.log(bh / bw), top,
-                     hull_perim ** 2 / (4 * math.pi * max(hull_area, 1e-9))])
+    top = float((rows * np.clip(bh / 2 - (centres - 0.5), 0, 1)).sum()) / area
+    flip = box[::-1]
+    flip_iou = float((box & flip).sum()) / float((box | flip).sum())
+    # Corner cells by fractional pixel weights, so the grid does not jump with the box size.
+    wy = _third_weights(bh)
+    wx = _third_weights(bw)
+    b = box.astype(np.float64)
+    corners = [wy[i] @ b @ wx[j] / (wy[i].sum() * wx[j].sum()) for i in (0, 2) for j in (0, 2)]
+    return np.array([area / (bh * bw), area / max(hull_area, area), math.log(bh / bw), top, flip_iou,
+                     float(np.mean(corners)), hull_perim ** 2 / (4 * math.pi * max(hull_area, 1e-9))])
+
+
+def _third_weights(n: int) -> np.ndarray:
+    """(3, n) weights: how much of each of n pixels falls in each third of [0, n]."""
+    edges = np.arange(n + 1, dtype=np.float64)
+    cuts = np.array([0.0, n / 3, 2 * n / 3, float(n)])
+    lo = np.maximum(edges[None, :-1], cuts[:-1, None])
+    hi = np.minimum(edges[None, 1:], cuts[1:, None])
+    return np.clip(hi - lo, 0, None)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Shape prototypes
 
 
-#: Lower bounds of the per-feature spread, so that no feature (e.g. solidity = 1.00 of convex shapes)
-#: decides alone on a difference of a few hundredths that a generator's wobbly edges would exceed.
-_STD_FLOOR = np.array([0.035, 0.03, 0.07, 0.03, 0.04])
+#: Scale of each shape feature in distances: roughly how much it wobbles for one shape across sizes,
+#: blur and pixel noise, so that no feature decides alone on a difference a generator's edges exceed.
+_FEATURE_SCALE = np.array([0.04, 0.03, 0.07, 0.03, 0.05, 0.05, 0.05])
+_KNN = 3
 
 
 @lru_cache(maxsize=1)
-def shape_prototypes() -> tuple[np.ndarray, np.ndarray]:
-    """Mean and spread of :func:`shape_features` per shape: two float64 arrays (n_shapes, 5).
+def shape_references() -> tuple[np.ndarray, np.ndarray]:
+    """Reference features of the world's shapes: ``(features (N, F) float64, shape ids (N,) int)``.
 
-    Measured on the world's own outlines drawn at the working resolution over the sizes scenes use
-    (from the smallest object of a 64 px image to the largest at any size), at sub-pixel offsets and
-    under blur up to what a 64 px image blurred with sigma = 1 px becomes at the working resolution.
-    Deterministic, computed once (~0.2 s).
+    Measured on the world's own outlines drawn at the working resolution, over the sizes scenes use
+    (from the smallest object of a 64 px image, ~20 px at the working resolution, to large ones), at
+    sub-pixel offsets, and under blur from none to well beyond what a 64 px image blurred with
+    sigma = 1 px becomes at the working resolution, and with pixel noise. Deterministic, computed once
+    (~0.6 s).
     """
-    means, stds = [], []
-    for shape in SHAPE_NAMES:
-        feats = []
-        for diam in (22.0, 28.0, 36.0, 48.0, 64.0):
-            for off in (0.0, 0.37):
-                for sigma in (0.0, 1.2, 2.4):
+    feats, ids = [], []
+    rng = np.random.default_rng(0)
+    for k, shape in enumerate(SHAPE_NAMES):
+        for diam in (20.0, 26.0, 34.0, 46.0, 64.0):
+            # (sub-pixel offset, pixel noise as a fraction of the object's contrast)
+            for off, noise in ((0.0, 0.0), (0.37, 0.0), (0.21, 0.12)):
+                for sigma in (0.0, 1.2, 2.4, 3.4):
                     n = int(diam * 1.3) + 16
                     alpha, y0, x0 = shape_alpha(shape, n / 2 + off, n / 2 + off * 0.6, diam / 2, n, n)
                     canvas = np.zeros((n, n), np.float32)
                     canvas[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha
                     if sigma > 0:
                         canvas = gaussian_blur(canvas, sigma)
+                    if noise > 0:
+                        canvas = canvas + noise * rng.standard_normal(canvas.shape).astype(np.float32)
+                    # The detector thresholds a 3 x 3 box-filtered image; do the same.
+                    canvas = _box3(canvas[..., None])[..., 0]
                     feats.append(shape_features(canvas >= 0.5))
-        f = np.asarray(feats)
-        means.append(f.mean(0))
-        stds.append(np.maximum(f.std(0), _STD_FLOOR))
-    return np.asarray(means), np.asarray(stds)
+                    ids.append(k)
+    return np.asarray(feats), np.asarray(ids)
 
 
 def classify_shape(features: np.ndarray) -> tuple[str | None, float]:
-    """Nearest shape prototype: ``(name or None, RMS z-distance)``."""
-    means, stds = shape_prototypes()
-    z = (np.asarray(features)[None, :] - means) / stds
-    dist = np.sqrt((z ** 2).mean(1))
-    k = int(dist.argmin())
-    return (SHAPE_NAMES[k] if dist[k] <= SHAPE_REJECT else None), float(dist[k])
+    """Nearest shape by its references: ``(name or None, distance)``.
+
+    The distance to a shape is the mean of the :data:`_KNN` smallest RMS distances to its references,
+    each feature divided by :data:`_FEATURE_SCALE`. Nearest neighbours rather than one mean per shape,
+    because a shape's features move along a curve as blur grows (a blurred star fattens towards a
+    disc) and a single Gaussian per shape would blur the classes together.
+    """
+    refs, ids = shape_references()
+    d = np.sqrt((((np.asarray(features)[None, :] - refs) / _FEATURE_SCALE) ** 2).mean(1))
+    per = np.array([np.sort(d[ids == k])[:_KNN].mean() for k in range(len(SHAPE_NAMES))])
+    k = int(per.argmin())
+    return (SHAPE_NAMES[k] if per[k] <= SHAPE_REJECT else None), float(per[k])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,7 +409,7 @@ def detect(image: Any) -> list[Detection]:
         return []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     dets: list[Detection] = []
-    for lab in np.nonzero(sizes >= min_area)[0]:
+    for lab in np.nonzero((sizes >= min_area) & (sizes <= MAX_AREA_FRAC * H * W))[0]:
         if lab == 0:
             continue
         ys, xs = np.nonzero(labels == lab)

@@ -120,6 +120,8 @@ class MAR(nn.Module):
         # per-token diffusion head
         self.diffloss = DiffLoss(cfg)
         self.grad_checkpointing = cfg.grad_checkpointing
+        # resized position tables by (table, grid), filled only while sampling with a fast engine
+        self.pos_cache: dict | None = None
 
     def initialize_weights(self):
         """MAR's initialisation for training from scratch (the head initialises itself)."""
@@ -139,7 +141,12 @@ class MAR(nn.Module):
         self.diffloss.net.initialize_weights()
 
     def pos_embed(self, table: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
-        return resize_pos_embed(table, grid, self.cfg.seq_h, prefix)
+        if self.pos_cache is None:
+            return resize_pos_embed(table, grid, self.cfg.seq_h, prefix)
+        key = (id(table), table._version, grid)
+        if key not in self.pos_cache:
+            self.pos_cache[key] = resize_pos_embed(table, grid, self.cfg.seq_h, prefix)
+        return self.pos_cache[key]
 
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:

@@ -1,0 +1,150 @@
+"""Text-to-image sampling speed: seconds per image and images/s, with a time breakdown.
+
+Random weights of a preset's shapes (speed does not depend on the values), reference sampling
+algorithm, K steps with guidance. For every (preset, size, batch) it times one warm-up-free run
+after a short warm-up at a small step count, and splits the time between the LLM, the MAR
+encoder, the MAR decoder, the diffusion head and the VAE decoder.
+
+    python benchmarks/sample_speed.py                       # tiny and 0.5B at 256 and 512 px
+    python benchmarks/sample_speed.py --presets tiny --sizes 256 --batches 1 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from harmon.configs import preset
+from harmon.pipeline import Harmon, random_model, resolve_device
+from harmon.tokenizer import byte_level_tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+
+class Timer:
+    """Wall time per component, via forward hooks (synchronising CUDA at each boundary)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.totals = defaultdict(float)
+        self._start = {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def attach(self, name: str, module: torch.nn.Module):
+        def pre(mod, args):
+            self._sync()
+            self._start[name] = time.perf_counter()
+
+        def post(mod, args, out):
+            self._sync()
+            self.totals[name] += time.perf_counter() - self._start[name]
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    @contextmanager
+    def span(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.totals[name] += time.perf_counter() - t0
+
+
+def instrument(model: Harmon, timer: Timer) -> None:
+    m = model.model
+    timer.attach("llm", m.llm.model)
+    timer.attach("vae_decoder", m.vae.decoder)
+    original_encode, original_decode = m.mar.encode, m.mar.decode
+    original_sample = m.mar.diffloss.sample
+
+    def encode(*a, **k):
+        with timer.span("mar_encoder"):
+            return original_encode(*a, **k)
+
+    def decode(*a, **k):
+        with timer.span("mar_decoder"):
+            return original_decode(*a, **k)
+
+    def sample(*a, **k):
+        with timer.span("diffusion_head"):
+            return original_sample(*a, **k)
+
+    m.mar.encode, m.mar.decode, m.mar.diffloss.sample = encode, decode, sample
+
+
+def peak_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+def bench(name: str, size: int, batch: int, steps: int, device, dtype) -> dict:
+    model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
+                   byte_level_tokenizer(), name=name, trained=False)
+    prompts = [f"a red circle number {i}" for i in range(batch)]
+    model.generate(prompts[:1], size=size, steps=2, seed=0)  # warm-up (allocations, kernels)
+    timer = Timer(device)
+    instrument(model, timer)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model.generate(prompts, size=size, steps=steps, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    return {"preset": name, "size": size, "batch": batch, "steps": steps, "mode": "reference",
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "seconds": total, "s_per_image": total / batch, "images_per_s": batch / total,
+            "peak_memory_GiB": peak_memory(device),
+            "breakdown_s": {k: round(v, 4) for k, v in sorted(timer.totals.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--presets", nargs="+", default=["tiny", "harmon-0.5b"])
+    ap.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1])
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--json", default=str(HERE / "results" / "sample_speed.json"))
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype] or (
+        torch.float32 if device.type == "cpu" else torch.bfloat16)
+    torch.set_grad_enabled(False)
+    rows = []
+    header = (f"{'preset':<13}{'size':>5}{'batch':>6}{'steps':>6}{'s/image':>9}{'img/s':>8}"
+              f"{'peak GiB':>9}  breakdown (s)")
+    print(header)
+    for name in args.presets:
+        for size in args.sizes:
+            for batch in args.batches:
+                r = bench(name, size, batch, args.steps, device, dtype)
+                rows.append(r)
+                parts = " ".join(f"{k}={v:.2f}" for k, v in r["breakdown_s"].items())
+                print(f"{name:<13}{size:>5}{batch:>6}{args.steps:>6}{r['s_per_image']:>9.2f}"
+                      f"{r['images_per_s']:>8.3f}{r['peak_memory_GiB']:>9.2f}  {parts}", flush=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,
+                               "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

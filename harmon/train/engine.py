@@ -1,0 +1,700 @@
+"""The training loop: one process, DDP or FSDP2; checkpoints; exact resume; metrics; samples.
+
+One optimiser step = ``A`` micro-batches per process (gradient accumulation), each homogeneous
+(text, i2t or t2i), each loss divided by A. Under DDP every process runs its own A micro-batches and
+gradients are averaged on the last one; under FSDP2 (``fully_shard``) parameters, gradients and
+optimiser state are sharded over the processes.
+
+Determinism. Every random number of micro-batch G (the global micro-batch index) comes from
+``mix_seed(run.seed, G, ...)``: the data (which items, crops, caption dropout, instructions), the
+mask orders / ratio / diffusion timesteps / noise (a ``TorchDraws`` on a fresh ``torch.Generator``)
+and dropout (the global torch RNG, re-seeded before each micro-batch). So the RNG state of a run is
+its step counter: a resumed run replays exactly the losses of an uninterrupted one, and one process
+with ``A' = W * A`` sees exactly the batches of W processes.
+
+Checkpoints (``out_dir/checkpoints/step_NNNNNNN/``), written to a temporary directory and renamed
+when complete, so a crash (even ``kill -9``) leaves the previous ones intact:
+
+- ``model.safetensors``: every weight except the VAE (frozen; rebuilt from the config), float32
+- ``config.json`` + ``tokenizer.json``: with ``vae=...`` the directory loads for inference
+- ``optimizer.pt``: AdamW state keyed by parameter name (full tensors: any strategy can resume)
+- ``ema.safetensors`` (with ``run.ema``), ``state.json``: step, data position, counters, config
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .. import checkpoints
+from ..generate import sample_tokens, to_uint8
+from ..models.harmon import HarmonModel
+from ..rng import TorchDraws
+from .config import TASKS, TrainConfig, dump_toml
+from .data import IMAGE_TOKEN_ID, MicroBatches, RankSampler, identity, mix_seed
+from .optim import build_optimizer, lr_factor, set_lr, set_trainable
+from .weights import build_model
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# processes and devices
+
+
+class Dist:
+    """This process's place: rank, world size, device and the parallel strategy."""
+
+    def __init__(self, strategy: str, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        if cuda and not torch.cuda.is_available():
+            raise ValueError(f"run.device={device!r} but CUDA is not available here")
+        if cuda:
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
+        if strategy == "auto":
+            strategy = "ddp" if self.world > 1 else "none"
+        if strategy == "none" and self.world > 1:
+            raise ValueError(f"run.strategy=none but {self.world} processes were launched; use "
+                             "ddp or fsdp")
+        if strategy == "ddp" and self.world == 1:
+            strategy = "none"  # nothing to average
+        self.strategy = strategy
+        self.owns_group = False
+        if (self.world > 1 or strategy == "fsdp") and not dist.is_initialized():
+            backend = "nccl" if cuda else "gloo"
+            if self.world > 1:
+                dist.init_process_group(backend)
+            else:  # fully_shard needs a process group even for a single process
+                store = tempfile.NamedTemporaryFile(prefix="harmon_pg_", delete=False).name
+                dist.init_process_group(backend, init_method=f"file://{store}", rank=0,
+                                        world_size=1)
+            self.owns_group = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LossModule(nn.Module):
+    """The one entry point DDP / FSDP hooks see: ``forward(batch, draws)`` -> scalar loss."""
+
+    def __init__(self, model: HarmonModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict, draws: TorchDraws) -> torch.Tensor:
+        m, task = self.model, batch["task"]
+        if task == "t2i":
+            return m.t2i_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                              draws)["loss"]
+        if task == "i2t":
+            return m.i2t_loss(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                              batch["labels"], image_token_id=IMAGE_TOKEN_ID)["loss"]
+        return m.text_loss(batch["input_ids"], batch["attention_mask"], batch["labels"])["loss"]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor on the CPU (a DTensor shard is gathered: all ranks must call)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``param`` (sharded the same way when ``param`` is a DTensor)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh,
+                                 param.placements)
+    return full.to(param.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs :meth:`train`.
+
+    Args:
+        cfg: the run.
+        resume: continue from the newest checkpoint in ``run.out_dir`` (start fresh if none).
+    """
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False):
+        self.cfg = cfg
+        run = cfg.run
+        self.dist = Dist(run.strategy, run.device)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.dist.close()
+            raise
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup(self, resume: bool):
+        cfg, run, d = self.cfg, self.cfg.run, self.dist
+        self.out = Path(run.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is not None and not resume:
+            raise ValueError(f"{self.ckpt_dir} already holds checkpoints (newest {latest.name}); "
+                             "pass --resume to continue that run or choose another run.out_dir")
+        cuda = d.device.type == "cuda"
+        self.amp = (run.precision == "bf16") or (run.precision == "auto" and cuda)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        model, self.tokenizer, self.model_source = build_model(cfg.model)
+        if cfg.data.max_prompt_tokens < 1:
+            raise ValueError("data.max_prompt_tokens must be >= 1")
+        self.trainable_counts = set_trainable(model, cfg.optim.frozen)
+        if run.grad_checkpointing:
+            model.mar.grad_checkpointing = True
+            model.mar.diffloss.net.grad_checkpointing = True
+            model.llm.activation_checkpointing_enable({"use_reentrant": False})
+        self.step, self.G0, self.step0 = 0, 0, 0  # G0: first global micro-batch of step step0
+        self.skipped, self.samples_seen, self.elapsed = 0, {t: 0 for t in TASKS}, 0.0
+        state = None
+        if resume and latest is not None:
+            state = json.loads((latest / "state.json").read_text())
+            sd = load_file(str(latest / "model.safetensors"))
+            load_training_weights(model, sd, str(latest))
+        model.to(d.device)
+        if self.amp and cuda:
+            model.vae.to(torch.bfloat16)  # frozen, never saved: no need for float32 masters
+        self.model = model
+
+        # wrap for the strategy, then the optimiser on the (possibly sharded) parameters
+        self.loss_module = LossModule(model)
+        if d.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # buffers (rotary tables) are equal everywhere: no syncing before each forward
+            self.wrapped = DDP(self.loss_module, device_ids=[d.local_rank] if cuda else None,
+                               find_unused_parameters=self._may_skip_parameters(),
+                               forward_sync_buffers=False)
+        elif d.strategy == "fsdp":
+            shard_model(self.loss_module, model, d)
+            self.wrapped = self.loss_module
+        else:
+            self.wrapped = self.loss_module
+        self.names = {id(p): n for n, p in model.named_parameters()}  # after fully_shard swaps them
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.ema = [p.detach().clone().float() for p in self.params] if run.ema > 0 else None
+
+        if state is not None:
+            self._load_state(latest, state)
+            if d.main:
+                print(f"resuming from {latest} (step {self.step})", file=sys.stderr)
+
+        # data: the micro-batches this rank reads, from the current step on
+        self.accum = cfg.grad_accum
+        self.dataset = MicroBatches(cfg.data, self.tokenizer, run.seed)
+        self.sampler = RankSampler(self.G0, max(0, run.steps - self.step), d.rank, d.world,
+                                   self.accum)
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=self.sampler, collate_fn=identity,
+            num_workers=cfg.data.num_workers, pin_memory=cuda,
+            persistent_workers=cfg.data.num_workers > 0)
+
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(dump_toml(cfg))
+            self.metrics_path = self.out / "metrics.jsonl"
+            _truncate_metrics(self.metrics_path, self.step)
+            self.tb = _tensorboard(self.out / "tb")
+
+    def _may_skip_parameters(self) -> bool:
+        """Whether a step can end with a micro-batch that leaves some trained parameter without a
+        gradient (DDP must then look for unused parameters). A t2i micro-batch reaches every
+        trainable parameter when the output embedding is tied (the input table)."""
+        pattern = [t for t, r in zip(TASKS, self.cfg.data.ratio) for _ in range(r)]
+        P, A, W = len(pattern), self.cfg.grad_accum, self.dist.world
+        last = {pattern[(s * W * A + r * A + A - 1) % P] for s in range(P) for r in range(W)}
+        return last != {"t2i"} or not self.model.cfg.llm.tie_word_embeddings
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _load_state(self, path: Path, state: dict):
+        self.step = int(state["step"])
+        self.G0, self.step0 = int(state["next_G"]), self.step
+        self.skipped = int(state.get("skipped", 0))
+        self.samples_seen = dict(state.get("samples_seen", self.samples_seen))
+        self.elapsed = float(state.get("elapsed", 0.0))
+        saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        load_optimizer_state(self.optimizer, saved, self.names)
+        if self.ema is not None:
+            f = path / "ema.safetensors"
+            if f.is_file():
+                sd = load_file(str(f))
+                for e, p in zip(self.ema, self.params):
+                    e.copy_(_like(sd[self.names[id(p)]].float(), e))
+            elif self.dist.main:
+                print(f"note: {path} has no EMA weights; the EMA restarts from the model",
+                      file=sys.stderr)
+
+    def save(self) -> Path | None:
+        """Write a checkpoint for the current step (all ranks call; rank 0 writes)."""
+        d = self.dist
+        sd = {}
+        for k, v in self.model.state_dict().items():
+            if k.startswith("vae.") or (k == "llm.lm_head.weight"
+                                        and self.model.cfg.llm.tie_word_embeddings):
+                continue
+            sd[k] = _full(v).float().contiguous()
+        osd = optimizer_state(self.optimizer, self.names)
+        ema = ({self.names[id(p)]: _full(e).contiguous() for p, e in zip(self.params, self.ema)}
+               if self.ema is not None else None)
+        path = None
+        if d.main:
+            path = self.ckpt_dir / f"step_{self.step:07d}"
+            tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            torch.save(osd, tmp / "optimizer.pt")
+            if ema is not None:
+                save_file(ema, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(
+                {"format": "harmon", "model": self.model.cfg.to_dict(),
+                 "vae_source": self.cfg.model.vae or self.model_source}, indent=1))
+            self.tokenizer.save(tmp)
+            state = {"step": self.step, "next_G": self.next_G, "world_size": d.world,
+                     "grad_accum": self.accum, "samples_seen": self.samples_seen,
+                     "skipped": self.skipped, "elapsed": self.elapsed,
+                     "rng": {"scheme": "mix_seed(run.seed, global micro-batch, k)",
+                             "seed": self.cfg.run.seed},
+                     "model_source": self.model_source, "config": self.cfg.to_dict()}
+            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)  # the checkpoint exists only once complete
+            for old in sorted(self.ckpt_dir.glob("step_*"))[: -self.cfg.run.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        return path
+
+    @property
+    def next_G(self) -> int:
+        return self.G0 + (self.step - self.step0) * self.dist.world * self.accum
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
+    def _sync_context(self, last: bool):
+        """Gradient synchronisation only on the last micro-batch of a step."""
+        if self.dist.strategy == "ddp" and not last:
+            return self.wrapped.no_sync()
+        if self.dist.strategy == "fsdp":
+            self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def micro_step(self, batch: dict, G: int, last: bool) -> torch.Tensor:
+        dev = self.dist.device
+        torch.manual_seed(mix_seed(self.cfg.run.seed, G, 0))  # dropout (global RNG)
+        draws = TorchDraws(torch.Generator(dev).manual_seed(mix_seed(self.cfg.run.seed, G, 1)))
+        batch = {k: (v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                 for k, v in batch.items()}
+        with self._sync_context(last):
+            with self._autocast():
+                loss = self.wrapped(batch, draws)
+            (loss / self.accum).backward()
+        return loss.detach().float()
+
+    def train(self) -> list[dict]:
+        """Run to ``run.steps``; returns the metric records of this call."""
+        try:
+            return self._train()
+        finally:
+            self.dist.close()
+
+    def _train(self) -> list[dict]:
+        cfg, run, d = self.cfg, self.cfg.run, self.dist
+        records: list[dict] = []
+        if self.step >= run.steps:
+            if d.main:
+                print(f"nothing to do: the run is at step {self.step} of {run.steps}",
+                      file=sys.stderr)
+            return records
+        self.model.train()
+        bar = None
+        if d.main and run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=run.steps, initial=self.step, desc=f"stage {cfg.stage}",
+                       dynamic_ncols=True, file=sys.stderr)
+        if d.main:
+            n_train = sum(self.trainable_counts.values())
+            print(f"training {cfg.name}: {self.model_source}; trainable {n_train / 1e6:.2f}M "
+                  f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in self.trainable_counts.items() if v)}); "
+                  f"{d.world} process(es), strategy {d.strategy}, device {d.device}, "
+                  f"{'bf16 autocast' if self.amp else 'fp32'}; global batch "
+                  f"{self.global_batch_desc()}", file=sys.stderr)
+        it = iter(self.loader)
+        last_save = None
+        t_log, tokens_log, steps_log = time.time(), 0.0, 0
+        while self.step < run.steps:
+            step = self.step
+            t0 = time.time()
+            factor = lr_factor(step, run.steps, cfg.optim)
+            set_lr(self.optimizer, factor)
+            # per task: loss sum, micro-batch count; then tokens, skipped items, samples
+            stats = torch.zeros(9, dtype=torch.float64, device=d.device)
+            for j in range(self.accum):
+                batch = next(it)
+                G = self.next_G + d.rank * self.accum + j
+                if batch["G"] != G:
+                    raise RuntimeError(f"data out of step: expected micro-batch {G}, got "
+                                       f"{batch['G']}")
+                loss = self.micro_step(batch, G, last=j == self.accum - 1)
+                k = TASKS.index(batch["task"])
+                stats[2 * k] += loss.double()
+                stats[2 * k + 1] += 1
+                stats[6] += batch["tokens"]
+                stats[7] += batch["skipped"]
+                stats[8] += batch["input_ids"].shape[0]
+            if d.world > 1:
+                dist.all_reduce(stats)
+            s = stats.tolist()
+            n_micro = s[1] + s[3] + s[5]
+            loss = (s[0] + s[2] + s[4]) / n_micro
+            losses = {t: s[2 * k] / s[2 * k + 1] for k, t in enumerate(TASKS) if s[2 * k + 1]}
+            if not math.isfinite(loss):
+                self._fail(step, f"non-finite loss ({', '.join(f'{t} {v}' for t, v in losses.items())})")
+            clip = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            gnorm = float(_full(gnorm)) if hasattr(gnorm, "full_tensor") else float(gnorm)
+            if not math.isfinite(gnorm):
+                self._fail(step, f"non-finite gradient norm ({gnorm}) with loss {loss:.4f}")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
+                                     1.0 - run.ema)
+            self.step = step + 1
+            dt = time.time() - t0
+            self.elapsed += dt
+            self.skipped += int(s[7])
+            for k, t in enumerate(TASKS):  # samples per task, from the micro-batch counts
+                self.samples_seen[t] += int(s[2 * k + 1]) * getattr(cfg.data.micro_batch, t)
+            tokens_log += s[6]
+            steps_log += 1
+
+            if self.step % run.log_interval == 0 or self.step == run.steps:
+                now = time.time()
+                rec = {"step": self.step, "loss": loss, **{f"loss_{t}": v for t, v in losses.items()},
+                       "lr_factor": factor, "grad_norm": gnorm,
+                       **{f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups
+                          if not g["name"].endswith("_no_decay")},
+                       "tokens_per_s": tokens_log / max(now - t_log, 1e-9),
+                       "steps_per_s": steps_log / max(now - t_log, 1e-9),
+                       "samples": int(s[8]), "skipped_items": self.skipped,
+                       "elapsed_s": self.elapsed, "peak_mem_gb": peak_memory_gb(d.device)}
+                t_log, tokens_log, steps_log = now, 0.0, 0
+                records.append(rec)
+                if d.main:
+                    self._log(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({"loss": f"{loss:.4f}",
+                                 **{t: f"{v:.3f}" for t, v in losses.items()},
+                                 "lr": f"{self.optimizer.param_groups[0]['lr']:.1e}"},
+                                refresh=False)
+            if self.step % run.save_interval == 0 or self.step == run.steps:
+                last_save = self.save()
+            if run.sample_interval and self.step % run.sample_interval == 0:
+                self.sample_and_judge()
+        if bar is not None:
+            bar.close()
+        if run.export_final:
+            self.export(self.out / "final")
+        if d.main and last_save is not None:
+            print(f"done: step {self.step}; checkpoint {last_save}", file=sys.stderr)
+        return records
+
+    def _fail(self, step: int, what: str):
+        latest = latest_checkpoint(self.ckpt_dir)
+        where = (f"the last good checkpoint is {latest} (step {latest.name.split('_')[-1].lstrip('0') or 0})"
+                 if latest else "no checkpoint was saved yet")
+        raise TrainingError(f"{what} at step {step + 1}: training stopped; {where}. Resume with "
+                            "--resume (perhaps with a lower learning rate or optim.clip_grad_norm).")
+
+    def global_batch_desc(self) -> str:
+        pattern = self.dataset.schedule.pattern
+        per = {t: 0 for t in TASKS}
+        for j in range(self.accum):
+            per[pattern[j % len(pattern)]] += getattr(self.cfg.data.micro_batch, pattern[j % len(pattern)])
+        total = sum(per.values()) * self.dist.world
+        return (f"~{total} samples/step ({', '.join(f'{t} {v * self.dist.world}' for t, v in per.items() if v)}; "
+                f"{self.accum} micro-batches x {self.dist.world} process(es))")
+
+    # -- logging, samples, export --------------------------------------------------------------
+
+    def _log(self, rec: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, rec["step"])
+            self.tb.flush()
+        if not self.cfg.run.progress and "loss" in rec:
+            tasks = " ".join(f"{k[5:]} {v:.4f}" for k, v in rec.items() if k.startswith("loss_"))
+            print(f"step {rec['step']}: loss {rec['loss']:.4f} ({tasks}) grad {rec['grad_norm']:.3f} "
+                  f"{rec['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+
+    @contextlib.contextmanager
+    def _inference(self):
+        """Eval mode with whole parameters (FSDP: gathered on every rank for the duration)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        fsdp = [m for m in self.loss_module.modules() if isinstance(m, FSDPModule)]
+        self.model.eval()
+        for m in fsdp:
+            m.unshard()
+        try:
+            with torch.no_grad(), self._autocast():
+                yield
+        finally:
+            for m in fsdp:
+                m.reshard()
+            self.model.train()
+
+    def generate(self, prompts: list[str], seed: int) -> list:
+        """Images for ``prompts`` at the training size (every FSDP rank must call)."""
+        from PIL import Image
+
+        tok, dev, S = self.tokenizer, self.dist.device, self.cfg.data.image_size
+        rows = [tok.generation_ids(p, self.cfg.data.max_prompt_tokens) for p in prompts]
+        rows += [tok.unconditional_ids()] * len(rows)
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        grid = self.model.grid_for(S)
+        draws = TorchDraws(torch.Generator(dev).manual_seed(seed))
+        with self._inference():
+            tokens = sample_tokens(self.model, ids.to(dev), mask.to(dev), grid, draws,
+                                   num_iter=self.cfg.run.sample_steps, cfg=self.cfg.run.sample_cfg)
+            images = to_uint8(self.model.decode_tokens(tokens[: len(prompts)], grid).float()).cpu()
+        return [Image.fromarray(im.numpy()) for im in images]
+
+    def sample_and_judge(self):
+        """A grid of the sample prompts, and the ShapeWorld judge's score (``run.judge_images``)."""
+        import warnings
+
+        run, d = self.cfg.run, self.dist
+        if d.strategy != "fsdp" and not d.main:
+            d.barrier()
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # long prompts are cut to the training length
+            images = self.generate(list(run.sample_prompts), seed=run.seed) if run.sample_prompts else []
+            rec = {"step": self.step}
+            if run.judge_images:
+                rec.update(self.judge(run.judge_images))
+        if d.main:
+            if images:
+                path = self.out / "samples" / f"step_{self.step:07d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image_grid(images).save(path)
+            if len(rec) > 1:
+                self._log(rec)
+        if d.strategy != "fsdp":
+            d.barrier()
+
+    def judge(self, n: int) -> dict:
+        """Generate n ShapeWorld prompts of held-out scenes and score them with the judge."""
+        from ..data.shapeworld import ShapeWorld
+        from ..eval.judge import judge_image, summarize
+
+        world = ShapeWorld(size=self.cfg.data.image_size, seed=10_000 + self.cfg.run.seed)
+        specs, i = [], 0
+        while len(specs) < n:
+            sp = world.sample(i).specs()
+            if sp:
+                specs.append(sp[i % len(sp)])
+            i += 1
+        results = []
+        for b in range(0, n, 16):
+            chunk = specs[b: b + 16]
+            imgs = self.generate([s.prompt for s in chunk], seed=self.cfg.run.seed + b)
+            results += [judge_image(im, s) for im, s in zip(imgs, chunk)]
+        summary = summarize(results)
+        out = {"judge_overall": summary["overall"]}
+        out.update({f"judge_{t}": c["accuracy"] for t, c in summary["categories"].items()})
+        return out
+
+    def export(self, path: Path):
+        """The whole model (VAE included; EMA weights when kept) as a directory
+        :meth:`harmon.Harmon.from_pretrained` loads."""
+        sd = {k: _full(v) for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            for p, e in zip(self.params, self.ema):
+                sd[self.names[id(p)]] = _full(e)
+        if self.dist.main:
+            m = checkpoints.empty_model(self.model.cfg)
+            checkpoints.load_weights(m, sd, dtype=torch.float32, source="trained weights")
+            checkpoints.save_pretrained(m, path, self.tokenizer,
+                                        extra_config={"trained_by": f"harmon train ({self.cfg.name}, "
+                                                                    f"step {self.step})"})
+        self.dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def shard_model(root: nn.Module, model: HarmonModel, d: Dist) -> None:
+    """FSDP2: one unit per LLM layer, per MAR block and for the head; the rest in the root.
+
+    The frozen VAE is left whole on every rank (``ignored_params``): it runs outside any forward
+    hook (``encode_images`` is a method) and is small next to the rest.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(d.device.type, (d.world,))
+    for layer in model.llm.model.layers:
+        fully_shard(layer, mesh=mesh)
+    for blk in [*model.mar.encoder_blocks, *model.mar.decoder_blocks]:
+        fully_shard(blk, mesh=mesh)
+    fully_shard(model.mar.diffloss.net, mesh=mesh)
+    fully_shard(root, mesh=mesh, ignored_params=set(model.vae.parameters()))
+
+
+def load_training_weights(model: HarmonModel, sd: dict[str, torch.Tensor], source: str) -> None:
+    """A training checkpoint (no VAE, no tied output embedding) into a built model."""
+    own = model.state_dict()
+    tied = model.cfg.llm.tie_word_embeddings
+    missing = [k for k in own if k not in sd and not k.startswith("vae.")
+               and not (tied and k == "llm.lm_head.weight")]
+    unexpected = [k for k in sd if k not in own]
+    if missing or unexpected:
+        raise checkpoints.CheckpointError(f"{source} does not match the model: missing "
+                                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise checkpoints.CheckpointError(f"{source}: {k} is {tuple(v.shape)}, the model "
+                                                  f"has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict:
+    """AdamW state keyed by parameter name, with whole tensors (all ranks call under FSDP)."""
+    sd = optimizer.state_dict()
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {order[i]: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+             for i, st in sorted(sd["state"].items())}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, names: dict[int, str]) -> None:
+    """Inverse of :func:`optimizer_state` (tensors re-sharded like their parameters)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {names[id(p)]: i for i, p in enumerate(params)}
+    saved_names = [n for g in saved["param_groups"] for n in g["params"]]
+    if sorted(saved_names) != sorted(index):
+        extra, lack = set(saved_names) - set(index), set(index) - set(saved_names)
+        raise checkpoints.CheckpointError(
+            "the checkpoint's optimizer trains other parameters than this run (did optim.frozen "
+            f"change?): only in the checkpoint {sorted(extra)[:4]}, only here {sorted(lack)[:4]}")
+    state = {}
+    for name, st in saved["state"].items():
+        i = index[name]
+        state[i] = {k: (v if k == "step" else _like(v, params[i])) if isinstance(v, torch.Tensor)
+                    else v for k, v in st.items()}
+    groups = []
+    for g, sg in zip(optimizer.param_groups, saved["param_groups"]):
+        groups.append({**{k: v for k, v in sg.items() if k != "params"},
+                       "params": [index[n] for n in sg["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (incomplete ones are never renamed to ``step_*``)."""
+    found = sorted(p for p in Path(ckpt_dir).glob("step_*") if (p / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a resume starts from)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            pass  # a line cut by a crash
+    path.write_text("".join(k + "\n" for k in keep))
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(path))
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def image_grid(images: list, cols: int | None = None):
+    from PIL import Image
+
+    cols = cols or min(len(images), 8)
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -1,0 +1,58 @@
+"""The harmon command line: generate, ask, caption, info, reference; errors without tracebacks."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from harmon.cli import build_parser, main
+
+
+def test_help_has_examples():
+    text = build_parser().format_help()
+    assert "harmon generate" in text and "examples:" in text
+
+
+def test_generate_writes_images(tmp_path, capsys):
+    out = tmp_path / "img.png"
+    code = main(["generate", "a red circle", "a blue square", "-n", "2", "--steps", "3", "--seed",
+                 "1", "--size", "32", "-o", str(out), "--checkpoint", "tiny", "-q"])
+    assert code == 0
+    files = sorted(tmp_path.glob("img_*.png"))
+    assert len(files) == 4 and Image.open(files[0]).size == (32, 32)
+    err = capsys.readouterr().err
+    assert "random weights" in err and "4 image(s)" in err
+
+
+def test_generate_to_directory_and_rectangular(tmp_path):
+    assert main(["generate", "x", "--steps", "2", "--size", "32x48", "-o", str(tmp_path / "d"),
+                 "--checkpoint", "tiny", "-q"]) == 0
+    assert Image.open(tmp_path / "d" / "00000.png").size == (48, 32)
+
+
+def test_ask_caption_info(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (50, 30), (255, 0, 0)).save(img)
+    assert main(["ask", str(img), "What colour?", "--checkpoint", "tiny",
+                 "--max-new-tokens", "3"]) == 0
+    assert main(["caption", str(img), "--checkpoint", "tiny", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device"] == "cpu" and info["total_parameters"] > 0 and not info["trained"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["generate", "a", "--size", "50"], "multiple of 16"),
+    (["generate", "a", "--cfg", "0.5"], "cfg must be >= 1"),
+    (["generate", ""], "empty prompt"),
+    (["generate", "a", "--device", "quantum"], "unknown device"),
+    (["ask", "/no/such.png", "q"], "does not exist"),
+    (["generate", "a", "--checkpoint", "/no/model"], "no model at"),
+])
+def test_errors_are_one_line(argv, match, capsys):
+    if "--checkpoint" not in argv:
+        argv = argv + ["--checkpoint", "tiny"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err

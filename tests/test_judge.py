@@ -1,0 +1,401 @@
+"""The ShapeWorld judge, the evaluation prompts, the VQA metrics and ``harmon eval shapes``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import runpy
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmon.data import HELDOUT_PAIRS, ObjectReq, PromptSpec, ShapeWorld, degrade
+from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, SHAPE_NAMES, gaussian_blur
+from harmon.data.shapeworld import GENEVAL_TAGS, noun_phrase
+from harmon.eval import (ImageLoadError, build_vqa_eval_set, detect, eval_prompts, evaluate_vqa, exact_match,
+                         judge_image, load_image, normalize_answer, parse_yes_no, pope_metrics,
+                         read_metadata_jsonl, summarize, write_reference_folder)
+from harmon.eval.judge import label_components, to_rgb_array
+from harmon.eval.shapes_cli import add_eval_shapes_command
+
+CONDITIONS = {"clean": (0.0, 0.0), "blur": (1.0, 0.0), "noise": (0.0, 12.0), "blur+noise": (1.0, 12.0)}
+
+
+def _subset(per_category: int = 10) -> list[PromptSpec]:
+    """A fixed spread of the evaluation prompts: up to ``per_category`` per (split, category)."""
+    out, seen = [], {}
+    specs = eval_prompts("all")
+    for s in specs:
+        key = (s.split, s.tag)
+        group = [t for t in specs if (t.split, t.tag) == key]
+        stride = max(len(group) // per_category, 1)
+        k = seen.get(key, 0)
+        seen[key] = k + 1
+        if k % stride == 0 and k // stride < per_category:
+            out.append(s)
+    return out
+
+
+SUBSET = _subset()
+
+
+def _image(world: ShapeWorld, spec: PromptSpec, k: int, cond: str) -> np.ndarray:
+    blur, noise = CONDITIONS[cond]
+    return degrade(world.scene_for_spec(spec, k).render_array(), blur, noise, seed=k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompt sets
+
+
+def test_prompt_sets():
+    test, held = eval_prompts("test"), eval_prompts("heldout")
+    assert {s.tag for s in test} == set(GENEVAL_TAGS)
+    assert len({s.prompt for s in test + held}) == len(test) + len(held), "prompts are unique"
+    assert all(s.split == "test" for s in test) and all(s.split == "heldout" for s in held)
+    # The held-out split uses every held-out pair; the test split none.
+    used = lambda specs: {(r.color, r.shape) for s in specs for r in s.include if r.color}  # noqa: E731
+    assert used(held) & set(HELDOUT_PAIRS) == set(HELDOUT_PAIRS)
+    assert not used(test) & set(HELDOUT_PAIRS)
+    assert all(used([s]) & set(HELDOUT_PAIRS) for s in held)
+    assert eval_prompts("all") == test + held and eval_prompts("test", ["counting"]) == [
+        s for s in test if s.tag == "counting"]
+    counting = [s for s in test if s.tag == "counting"][0]
+    assert counting.to_metadata() == {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+                                      "exclude": [{"class": "circle", "count": 3}], "prompt": "two circles",
+                                      "split": "test"}
+    with pytest.raises(ValueError, match="split"):
+        eval_prompts("train")
+    with pytest.raises(ValueError, match="categories"):
+        eval_prompts("test", ["colours"])
+
+
+def test_prompts_never_in_training_captions_for_heldout():
+    world = ShapeWorld(size=64, seed=0)
+    held = {s.prompt for s in eval_prompts("heldout")}
+    for i in range(300):
+        for cap in world.sample(i).captions.values():
+            assert cap not in held
+
+
+# ----------------------------------------------------------------------------------------------------
+# The judge on the generator's own images
+
+
+@pytest.mark.parametrize("size", [64, 128, 256])
+def test_judge_scores_own_images(size):
+    world = ShapeWorld(size=size, seed=size)
+    for cond in CONDITIONS:
+        results = [judge_image(_image(world, s, k, cond), s) for k, s in enumerate(SUBSET)]
+        summary = summarize(results)
+        fails = [(r.prompt, r.reason) for r in results if not r.correct]
+        for table in (summary, summary["heldout"]):
+            assert set(table["categories"]) <= set(GENEVAL_TAGS)
+            for tag, cat in table["categories"].items():
+                assert cat["accuracy"] >= 0.99, (size, cond, tag, fails)
+        assert len(summary["categories"]) == 6 and summary["overall"] >= 0.99
+
+
+def test_judge_scores_every_prompt_at_64px_blur_and_noise():
+    world = ShapeWorld(size=64, seed=123)
+    results = [judge_image(_image(world, s, k, "blur+noise"), s) for k, s in enumerate(eval_prompts("all"))]
+    summary = summarize(results)
+    assert summary["overall"] >= 0.99 and summary["heldout"]["overall"] >= 0.99
+    assert min(c["accuracy"] for c in summary["categories"].values()) >= 0.99
+
+
+def test_judge_detects_training_scenes():
+    world = ShapeWorld(size=64, seed=77)
+    for i in range(60):
+        scene = world.sample(i)
+        img = degrade(scene.render_array(), 1.0, 10.0, seed=i)
+        dets = detect(img)
+        assert sorted((d.shape, d.color) for d in dets) == sorted((o.shape, o.color) for o in scene.objects)
+        for spec in scene.specs():
+            assert judge_image(img, spec).correct, (spec.prompt, judge_image(img, spec).reason)
+    # Boxes are where the objects are.
+    scene = world.sample(0)
+    for d in detect(scene.render_array()):
+        o = min(scene.objects, key=lambda o: abs(o.x - d.center[0]) + abs(o.y - d.center[1]))
+        assert np.allclose(d.bbox, o.bbox, atol=2.5 / 64)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "smooth", "black", "gray", "white"])
+def test_noise_and_blank_images_score_zero(kind):
+    rng = np.random.default_rng(0)
+    results = []
+    for k, spec in enumerate(SUBSET):
+        size = (64, 128, 256)[k % 3]
+        if kind == "uniform":
+            img = rng.integers(0, 256, (size, size, 3)).astype(np.uint8)
+        elif kind == "gaussian":
+            img = np.clip(rng.normal(128, 60, (size, size, 3)), 0, 255).astype(np.uint8)
+        elif kind == "smooth":  # coloured blobs, the hardest kind of noise for a segmenter
+            x = gaussian_blur(rng.normal(0, 1, (size, size, 3)), size / 16)
+            img = np.clip(x / x.std() * 60 + 128, 0, 255).astype(np.uint8)
+        else:
+            img = np.full((size, size, 3), {"black": 0, "gray": 128, "white": 255}[kind], np.uint8)
+        results.append(judge_image(img, spec))
+    summary = summarize(results)
+    assert summary["overall"] <= 0.02 and all(c["accuracy"] <= 0.05 for c in summary["categories"].values())
+
+
+def _altered(spec: PromptSpec) -> list[PromptSpec]:
+    """Versions of the spec that the spec's images must fail."""
+    inc = spec.include
+    alt = []
+    if spec.tag == "single_object":
+        other = SHAPE_NAMES[(SHAPE_NAMES.index(inc[0].shape) + 1) % len(SHAPE_NAMES)]
+        alt.append(PromptSpec("single_object", noun_phrase(other), (ObjectReq(other),)))
+    elif spec.tag == "two_object":
+        other = next(s for s in SHAPE_NAMES if s not in (inc[0].shape, inc[1].shape))
+        alt.append(PromptSpec("two_object", "x", (inc[0], ObjectReq(other))))
+    elif spec.tag == "counting":
+        s, n = inc[0].shape, inc[0].count
+        for m in (n - 1, n + 1):
+            alt.append(PromptSpec("counting", noun_phrase(s, None, m) if m <= 4 else "five",
+                                  (ObjectReq(s, m),), (ObjectReq(s, m + 1),)))
+    elif spec.tag == "colors":
+        other = COLOR_NAMES[(COLOR_NAMES.index(inc[0].color) + 3) % len(COLOR_NAMES)]
+        alt.append(dataclasses.replace(spec, include=(ObjectReq(inc[0].shape, 1, other),)))
+    elif spec.tag == "position":
+        rel, j = inc[1].position
+        alt.append(dataclasses.replace(spec, include=(inc[0], ObjectReq(inc[1].shape, position=(OPPOSITE_RELATION[rel], j)))))
+        # The reference and the subject swapped: "a square left of a circle" for "a circle left of a square".
+        alt.append(dataclasses.replace(spec, include=(ObjectReq(inc[1].shape), ObjectReq(inc[0].shape, position=(rel, 0)))))
+    elif spec.tag == "color_attr":
+        a, b = inc
+        alt.append(dataclasses.replace(spec, include=(ObjectReq(a.shape, 1, b.color), ObjectReq(b.shape, 1, a.color))))
+    return alt
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_judge_fails_altered_prompts(size):
+    world = ShapeWorld(size=size, seed=5)
+    n_alt = n_fail = 0
+    for k, spec in enumerate(SUBSET):
+        img = _image(world, spec, k, "blur+noise")
+        assert judge_image(img, spec).correct
+        for alt in _altered(spec):
+            n_alt += 1
+            n_fail += not judge_image(img, alt).correct
+    assert n_alt >= 70 and n_fail == n_alt
+
+
+def test_reasons_name_the_failed_criterion():
+    world = ShapeWorld(size=64, seed=0)
+    spec = PromptSpec("color_attr", "a red circle and a blue square",
+                      (ObjectReq("circle", 1, "red"), ObjectReq("square", 1, "blue")))
+    img = world.scene_for_spec(spec).render_array()
+    swapped = dataclasses.replace(spec, include=(ObjectReq("circle", 1, "blue"), ObjectReq("square", 1, "red")))
+    r = judge_image(img, swapped)
+    assert not r.correct and "blue circle" in r.reason and "red" in r.reason
+    three = PromptSpec("counting", "three stars", (ObjectReq("star", 3),), (ObjectReq("star", 4),))
+    img3 = world.scene_for_spec(three).render_array()
+    two = PromptSpec("counting", "two stars", (ObjectReq("star", 2),), (ObjectReq("star", 3),))
+    assert judge_image(img3, two).reason == "expected fewer than 3 star(s), found 3"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pieces and inputs
+
+
+def _bfs_count(mask: np.ndarray) -> int:
+    seen = np.zeros_like(mask)
+    n = 0
+    for y, x in zip(*np.nonzero(mask)):
+        if seen[y, x]:
+            continue
+        n += 1
+        q = deque([(y, x)])
+        seen[y, x] = True
+        while q:
+            cy, cx = q.popleft()
+            for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+                ny, nx = cy + dy, cx + dx
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    q.append((ny, nx))
+    return n
+
+
+def test_label_components_matches_bfs():
+    rng = np.random.default_rng(0)
+    for p in (0.3, 0.5, 0.6):
+        mask = rng.random((37, 41)) < p
+        labels, n = label_components(mask)
+        assert n == _bfs_count(mask)
+        assert ((labels > 0) == mask).all() and set(np.unique(labels)) == set(range(n + 1))
+        # Every component is 4-connected and components do not touch.
+        for a, b in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
+            touch = (a > 0) & (b > 0)
+            assert (a[touch] == b[touch]).all()
+    assert label_components(np.zeros((5, 5), bool))[1] == 0
+    assert label_components(np.eye(4, dtype=bool), connectivity=8)[1] == 1
+
+
+def test_image_inputs():
+    scene = ShapeWorld(size=64, seed=0).sample(1)
+    arr = scene.render_array()
+    ref = [(d.shape, d.color) for d in detect(arr)]
+    assert [(d.shape, d.color) for d in detect(scene.render())] == ref
+    assert [(d.shape, d.color) for d in detect(arr.astype(np.float32) / 255)] == ref
+    assert [(d.shape, d.color) for d in detect(torch.from_numpy(arr).permute(2, 0, 1).float() / 255)] == ref
+    assert to_rgb_array(np.zeros((16, 16), np.uint8)).shape == (16, 16, 3)
+    for bad, match in ((np.zeros((16, 16, 5)), "shape"), ("image.png", "PIL image"),
+                       (np.full((16, 16, 3), np.nan), "NaN"), (np.zeros((4, 4, 3)), "too small")):
+        with pytest.raises(ValueError, match=match):
+            detect(bad)
+
+
+def test_corrupt_image_files(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    with pytest.raises(ImageLoadError, match="bad.png"):
+        load_image(bad)
+    buf = io.BytesIO()
+    ShapeWorld(size=64).sample(0).render().save(buf, format="PNG")
+    trunc = tmp_path / "truncated.png"
+    trunc.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageLoadError, match="truncated.png"):
+        load_image(trunc)
+    with pytest.raises(ImageLoadError, match="does not exist"):
+        load_image(tmp_path / "missing.png")
+    assert issubclass(ImageLoadError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------------
+# VQA metrics
+
+
+def test_pope_metrics():
+    m = pope_metrics(["yes", "no", "Yes, there is.", "No, there is not."], ["yes", "no", "no", "no"])
+    assert m == pytest.approx({"accuracy": 0.75, "precision": 0.5, "recall": 1.0, "f1": 2 / 3,
+                               "yes_ratio": 0.5, "n": 4})
+    assert pope_metrics(["no", "no"], ["yes", "no"])["precision"] == 0.0
+    assert parse_yes_no("There isn't one.") == "no" and parse_yes_no("Yes. No doubt.") == "yes"
+    with pytest.raises(ValueError, match="maybe"):
+        pope_metrics(["yes"], ["maybe"])
+    with pytest.raises(ValueError, match="2 predictions for 1"):
+        pope_metrics(["yes", "no"], ["yes"])
+
+
+def test_exact_match_normalisation():
+    assert exact_match("Three.", "three") and exact_match("3", "three") and exact_match("The Red", "red")
+    assert exact_match("to the left of", "left of") and exact_match("Grey", "gray")
+    assert exact_match("a half circle", "semicircle") and not exact_match("circle", "semicircle")
+    assert not exact_match("two", "three") and normalize_answer("  An  ORANGE star! ") == "orange star"
+
+
+def test_vqa_eval_set_and_scores():
+    items = build_vqa_eval_set(n_images=20, size=64, seed=0)
+    types = {it.qtype for it in items}
+    assert {"pope", "count", "color", "shape"} <= types and "caption" not in types
+    pope = [it for it in items if it.qtype == "pope"]
+    for split in ("random", "popular", "adversarial"):
+        answers = [it.answer for it in pope if it.split == split]
+        assert answers.count("yes") == answers.count("no") > 0
+    assert items[0].conversation()[0]["value"].startswith("<image>\n")
+    # Scenes of the evaluation stream are not those of a training world.
+    train = ShapeWorld(size=64, seed=0)
+    assert items[0].scene.objects != train.sample(0).objects
+    perfect = evaluate_vqa(items, [it.answer for it in items])
+    assert perfect["overall"] == 1.0 and perfect["pope"]["all"]["f1"] == 1.0
+    assert set(perfect["pope"]) == {"random", "popular", "adversarial", "all"}
+    yes = evaluate_vqa(items, ["yes"] * len(items))
+    assert yes["pope"]["all"]["yes_ratio"] == 1.0 and yes["pope"]["all"]["accuracy"] == 0.5
+    assert yes["pope"]["all"]["recall"] == 1.0 and yes["per_type"]["count"]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="predictions"):
+        evaluate_vqa(items, [])
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _eval_parser():
+    parser = argparse.ArgumentParser(prog="harmon eval")
+    add_eval_shapes_command(parser.add_subparsers(dest="cmd", required=True))
+    return parser
+
+
+def _run(argv, capsys):
+    args = _eval_parser().parse_args(argv)
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def _reference(tmp_path: Path, name="gen", transform=None) -> Path:
+    specs = _subset(2)
+    return write_reference_folder(tmp_path / name, specs, samples=2, size=64, seed=1, transform=transform)
+
+
+def test_eval_shapes_cli_on_reference_images(tmp_path, capsys):
+    blur_noise = lambda im, i, j: degrade(im, 1.0, 10.0, seed=100 * i + j)  # noqa: E731
+    root = _reference(tmp_path, transform=blur_noise)
+    assert (root / "00000" / "metadata.jsonl").is_file() and (root / "00000" / "samples" / "00001.png").is_file()
+    out = _run(["shapes", "--images", str(root), "--json", str(tmp_path / "scores.json"), "--no-progress"], capsys)
+    for tag in GENEVAL_TAGS:
+        assert tag in out
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
+    assert lines["single_object"][1:] == ["2", "4", "4", "1.0000"]
+    assert [ln for ln in out.splitlines() if ln.startswith("overall")][0].endswith("1.0000")
+    assert "held-out colour-shape pairs:" in out
+    data = json.loads((tmp_path / "scores.json").read_text())
+    assert data["summary"]["overall"] == 1.0 and len(data["images"]) == 2 * len(_subset(2))
+    assert data["summary"]["categories"]["counting"]["prompts"] == 2
+
+
+def test_eval_shapes_cli_scores_wrong_images_low(tmp_path, capsys):
+    root = _reference(tmp_path)
+    # A generator that ignores its prompt: every image is prompt 0's first sample ("a circle").
+    first = Image.open(root / "00000" / "samples" / "00000.png").copy()
+    for p in root.glob("*/samples/*.png"):
+        first.save(p)
+    out = _run(["shapes", "--images", str(root), "--no-progress"], capsys)
+    overall = float([ln for ln in out.splitlines() if ln.startswith("overall")][0].split()[-1])
+    assert overall < 0.3
+
+
+def test_eval_shapes_cli_errors(tmp_path, capsys):
+    root = _reference(tmp_path)
+    (root / "00001" / "samples" / "00000.png").write_bytes(b"\x89PNG broken")
+    args = _eval_parser().parse_args(["shapes", "--images", str(root), "--no-progress"])
+    with pytest.raises(ImageLoadError, match="00001"):
+        args.func(args)
+    out = _run(["shapes", "--images", str(root), "--no-progress", "--skip-corrupt"], capsys)
+    assert "single_object" in out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = _eval_parser().parse_args(["shapes", "--images", str(empty)])
+    with pytest.raises(ValueError, match="no prompt folders"):
+        args.func(args)
+    (root / "00002" / "metadata.jsonl").write_text('{"tag": "colors", "include": [{"class": "blob"}], "prompt": "x"}\n')
+    args = _eval_parser().parse_args(["shapes", "--images", str(root), "--no-progress"])
+    with pytest.raises(ValueError, match="unknown shape 'blob'"):
+        args.func(args)
+    with pytest.raises(SystemExit):
+        _eval_parser().parse_args(["shapes"])  # one of --images / --write-* is required
+
+
+def test_eval_shapes_cli_writes_metadata(tmp_path, capsys):
+    out = _run(["shapes", "--write-metadata", str(tmp_path / "prompts.jsonl")], capsys)
+    assert f"wrote {len(eval_prompts('all'))} prompts" in out
+    assert read_metadata_jsonl(tmp_path / "prompts.jsonl") == eval_prompts("all")
+    line = json.loads((tmp_path / "prompts.jsonl").read_text().splitlines()[0])
+    assert set(line) == {"tag", "include", "prompt", "split"}
+
+
+def test_benchmark_script_runs(tmp_path, capsys):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "shapeworld_speed.py"
+    mod = runpy.run_path(str(script))
+    result = mod["main"](["--n", "4", "--sizes", "64", "--out", str(tmp_path / "speed.json")])
+    assert "images/s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "speed.json").read_text())["results"][0]["size"] == 64
+    assert result["results"][0]["generate_images_per_s"] > 0

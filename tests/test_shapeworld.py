@@ -1,0 +1,348 @@
+"""ShapeWorld: determinism, geometry, vocabulary, held-out split, captions, questions, streams, export."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import math
+import re
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec, ShapeWorld,
+                         ShapeWorldT2I, ShapeWorldVQA)
+from harmon.data.export import add_export_command
+from harmon.data.shapes import RELATIONS, circumradius, clear_relation
+from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    world = ShapeWorld(size=64, seed=0)
+    return [world.sample(i) for i in range(600)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Determinism and images
+
+
+def test_deterministic_per_seed_and_index():
+    a, b = ShapeWorld(size=96, seed=3), ShapeWorld(size=96, seed=3)
+    for i in (0, 1, 17, 12345):
+        sa, sb = a.sample(i), b.sample(i)
+        assert sa == sb
+        assert np.array_equal(sa.render_array(), sb.render_array())
+        assert sa.captions == sb.captions and sa.questions() == sb.questions()
+    # Order of access does not matter (no hidden generator state).
+    assert np.array_equal(a.sample(5).render_array(), ShapeWorld(size=96, seed=3)[5].render_array())
+    other = ShapeWorld(size=96, seed=4)
+    assert any(not np.array_equal(a.sample(i).render_array(), other.sample(i).render_array()) for i in range(4))
+
+
+@pytest.mark.parametrize("size", [64, 100, 128, 256, 512])
+def test_render_sizes(size):
+    scene = ShapeWorld(size=size, seed=1).sample(2)
+    arr = scene.render_array()
+    assert arr.shape == (size, size, 3) and arr.dtype == np.uint8
+    im = scene.render()
+    assert isinstance(im, Image.Image) and im.size == (size, size) and im.mode == "RGB"
+
+
+@pytest.mark.parametrize("bad", [63, 513, 0, 128.0, "128", True])
+def test_bad_size(bad):
+    with pytest.raises(ValueError, match="size"):
+        ShapeWorld(size=bad)
+
+
+def test_objects_visible_inside_and_apart(scenes):
+    for s in scenes:
+        assert 1 <= len(s.objects) <= MAX_OBJECTS
+        for o in s.objects:
+            x0, y0, x1, y1 = o.bbox
+            assert 0 < x0 < x1 < 1 and 0 < y0 < y1 < 1
+            assert o.diameter * 64 >= 11  # classifiable at 64 px
+        for a, b in itertools.combinations(s.objects, 2):
+            gap = math.hypot(a.x - b.x, a.y - b.y) - circumradius(a.shape) * a.diameter / 2 \
+                - circumradius(b.shape) * b.diameter / 2
+            assert gap > 0.04, "objects must not overlap or touch"
+
+
+def test_objects_are_drawn_in_their_colour():
+    scene = ShapeWorld(size=128, seed=2).sample(3)
+    arr = scene.render_array().astype(int)
+    for o in scene.objects:
+        px = arr[int(o.y * 128), int(o.x * 128)]  # bbox centre; inside every shape but the star's notch
+        if o.shape not in ("star", "semicircle", "triangle"):
+            assert np.abs(px - np.asarray(o.rgb)).max() <= 1
+
+
+def test_vocabulary_and_kinds_covered(scenes):
+    assert len(SHAPE_NAMES) >= 6 and len(COLOR_NAMES) == 8
+    objs = [o for s in scenes for o in s.objects]
+    assert set(o.shape for o in objs) == set(SHAPE_NAMES)
+    assert set(o.color for o in objs) == set(COLOR_NAMES)
+    assert set(s.kind for s in scenes) == {"single", "pair", "count", "multi"}
+    assert set(len(s.objects) for s in scenes) == {1, 2, 3, 4}
+    assert {s.texture > 0 for s in scenes} == {True, False}
+    assert len({s.background for s in scenes}) >= 4
+    rels = Counter(s.relation[1] for s in scenes if s.relation)
+    assert set(rels) == set(RELATIONS)
+
+
+def test_heldout_pairs_never_in_training_stream():
+    world = ShapeWorld(size=64, seed=11)
+    seen = {(o.color, o.shape) for i in range(1500) for o in world.sample(i).objects}
+    assert not seen & set(HELDOUT_PAIRS)
+    # Every other pair does occur, and every held-out colour and shape occurs in other pairs.
+    assert len(seen) == len(COLOR_NAMES) * len(SHAPE_NAMES) - len(HELDOUT_PAIRS)
+    free = ShapeWorld(size=64, seed=11, holdout=False)
+    seen_free = {(o.color, o.shape) for i in range(1500) for o in free.sample(i).objects}
+    assert set(HELDOUT_PAIRS) <= seen_free
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text
+
+
+def _scene(objs, relation=None, kind="pair"):
+    o = [ShapeObject(s, c, x, y, 0.3, (0, 0, 0)) for s, c, x, y in objs]
+    return Scene(64, tuple(o), "black", (18, 18, 20), 0.0, 1, kind, relation)
+
+
+def test_caption_styles():
+    s = _scene([("circle", "red", 0.25, 0.5), ("square", "blue", 0.75, 0.5)], (0, "left of", 1))
+    assert s.captions["short"] == "a red circle and a blue square"
+    assert s.captions["plain"] == "a circle and a square"
+    assert s.captions["position"] == "a red circle to the left of a blue square"
+    assert s.captions["position_plain"] == "a circle to the left of a square"
+    assert s.captions["detailed"] == ("a red circle on the left and a blue square on the right "
+                                      "on a plain black background")
+    three = _scene([("star", "orange", 0.2, 0.2), ("star", "orange", 0.5, 0.5), ("star", "orange", 0.8, 0.8)])
+    assert three.captions["short"] == "three orange stars"
+    assert three.captions["plain"] == "three stars"
+    mixed = _scene([("cross", "white", 0.2, 0.2), ("cross", "orange", 0.8, 0.8)])
+    assert mixed.captions["short"] == "a white cross and an orange cross"
+    assert mixed.captions["plain"] == "two crosses"
+    assert s.caption("position") == s.captions["position"] and three.caption("position") == "three orange stars"
+    with pytest.raises(ValueError, match="caption style"):
+        s.caption("poem")
+
+
+def test_captions_match_objects(scenes):
+    word = {2: "two", 3: "three", 4: "four"}
+    for s in scenes:
+        caps = s.captions
+        for o in s.objects:
+            assert o.color in caps["short"] and o.shape in caps["short"] + caps["plain"]
+            assert o.color in caps["detailed"]
+        if s.kind == "count":
+            assert caps["plain"] == f"{word[len(s.objects)]} {s.objects[0].shape}{'es' if s.objects[0].shape == 'cross' else 's'}"
+        if s.relation:
+            i, rel, j = s.relation
+            assert clear_relation(s.objects[i].bbox, s.objects[j].bbox) == rel
+            assert RELATIONS[rel] in caps["position"]
+        for c in caps.values():
+            assert not re.search(r"\ba [aeio]", c), c  # "an orange", never "a orange"
+
+
+def test_questions_answers_are_true(scenes):
+    for s in scenes[:200]:
+        qa = s.questions()
+        pope = [q for q in qa if q.qtype == "pope"]
+        for split in ("random", "popular", "adversarial"):
+            answers = Counter(q.answer for q in pope if q.split == split)
+            assert answers["yes"] == answers["no"], "POPE questions are balanced"
+        pairs = {(o.color, o.shape) for o in s.objects}
+        for q in pope:
+            m = re.match(r"Is there an? (?:(\w+) )?(\w+) in the image\?", q.question)
+            color, shape = (m.group(1), m.group(2)) if m.group(1) else (None, m.group(2))
+            truth = any(o.shape == shape and (color is None or o.color == color) for o in s.objects)
+            assert q.answer == ("yes" if truth else "no"), q
+            if q.split == "adversarial" and q.answer == "no":
+                assert shape in {o.shape for o in s.objects}  # a present shape, wrong colour
+            if q.split != "random":
+                assert color is not None and (q.answer == "yes") == ((color, shape) in pairs)
+        for q in qa:
+            if q.qtype == "count" and "objects" in q.question:
+                assert q.answer == ["zero", "one", "two", "three", "four"][len(s.objects)]
+            if q.qtype == "color":
+                shape = re.match(r"What color is the (\w+)\?", q.question).group(1)
+                assert q.answer == next(o.color for o in s.objects if o.shape == shape)
+            if q.qtype != "caption":
+                assert q.question.endswith(SHORT_ANSWER_PROMPT)
+        assert {"pope", "count", "caption"} <= {q.qtype for q in qa}
+
+
+def test_conversation_format():
+    q = QA("Is there a star in the image?", "no", "pope", "random")
+    assert q.conversation() == [{"from": "human", "value": "<image>\nIs there a star in the image?"},
+                                {"from": "gpt", "value": "no"}]
+    world = ShapeWorld(size=64, seed=0)
+    item = world.vqa_item(3, turns=3)
+    conv = item["conversations"]
+    assert len(conv) == 6 and [t["from"] for t in conv] == ["human", "gpt"] * 3
+    assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+    assert len(item["qtypes"]) == 3
+
+
+# ----------------------------------------------------------------------------------------------------
+# Specs
+
+
+def test_spec_roundtrip_and_scene_for_spec():
+    meta = {"tag": "position", "include": [{"class": "square", "count": 1},
+                                           {"class": "circle", "count": 1, "position": ["left of", 0]}],
+            "prompt": "a circle to the left of a square"}
+    spec = PromptSpec.from_metadata(meta)
+    assert spec.to_metadata() == {**meta, "split": "test"}
+    world = ShapeWorld(size=64, seed=0)
+    for j in range(20):
+        scene = world.scene_for_spec(spec, j)
+        (sq,), (ci,) = ([o for o in scene.objects if o.shape == k] for k in ("square", "circle"))
+        assert clear_relation(ci.bbox, sq.bbox) == "left of"
+    count = PromptSpec("counting", "four stars", (ObjectReq("star", 4),), (ObjectReq("star", 5),))
+    assert [o.shape for o in world.scene_for_spec(count).objects] == ["star"] * 4
+    # Colours given by the spec, held-out ones included (reference images are not training data).
+    held = PromptSpec("colors", "a purple circle", (ObjectReq("circle", 1, "purple"),), split="heldout")
+    assert world.scene_for_spec(held).objects[0].color == "purple"
+    assert world.scene_for_spec(spec, 3) == world.scene_for_spec(spec, 3)
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({"tag": "colors", "include": [{"class": "circle", "color": "pink"}], "prompt": "x"}, "unknown colour 'pink'"),
+    ({"tag": "colors", "include": [{"class": "dog"}], "prompt": "x"}, "unknown shape 'dog'"),
+    ({"tag": "colours", "include": [{"class": "circle"}], "prompt": "x"}, "unknown tag 'colours'"),
+    ({"tag": "position", "include": [{"class": "circle", "position": ["near", 0]}], "prompt": "x"},
+     "unknown relation 'near'"),
+    ({"tag": "position", "include": [{"class": "circle", "position": ["above", 0]}], "prompt": "x"},
+     "position index"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 0}], "prompt": "x"}, "count"),
+    ({"tag": "counting", "include": [{"class": "circle", "count": 2}]}, "lacks the key 'prompt'"),
+    ({"tag": "counting", "include": [{"class": "circle", "size": 2}], "prompt": "x"}, "unknown key"),
+])
+def test_bad_specs(meta, match):
+    with pytest.raises(ValueError, match=match):
+        PromptSpec.from_metadata(meta)
+
+
+def test_impossible_specs():
+    world = ShapeWorld(size=64)
+    five = {"tag": "counting", "include": [{"class": "circle", "count": 5}], "prompt": "five circles"}
+    with pytest.raises(ValueError, match="at most 4"):
+        world.scene_for_spec(five)
+    many = {"tag": "two_object", "include": [{"class": "circle", "count": 3}, {"class": "star", "count": 2}],
+            "prompt": "three circles and two stars"}
+    with pytest.raises(ValueError, match="5 objects"):
+        world.scene_for_spec(many)
+    contra = {"tag": "counting", "include": [{"class": "circle", "count": 2}],
+              "exclude": [{"class": "circle", "count": 2}], "prompt": "two circles"}
+    with pytest.raises(ValueError, match="contradictory"):
+        world.scene_for_spec(contra)
+
+
+def test_bad_world_arguments():
+    with pytest.raises(ValueError, match="scene kind"):
+        ShapeWorld(kind_weights={"single": 1.0, "crowd": 1.0})
+    with pytest.raises(ValueError, match="caption style"):
+        ShapeWorld().t2i_item(0, style_weights={"haiku": 1.0})
+    with pytest.raises(ValueError, match="index"):
+        ShapeWorld().sample(-1)
+    with pytest.raises(ValueError, match="rank"):
+        ShapeWorldT2I(rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Streams
+
+
+def test_t2i_stream_items():
+    ds = ShapeWorldT2I(size=64, seed=2, length=20)
+    items = list(ds)
+    assert [it["index"] for it in items] == list(range(20))
+    world = ShapeWorld(size=64, seed=2)
+    for it in items[:5]:
+        ref = world.t2i_item(it["index"])
+        assert it["caption"] == ref["caption"] and np.array_equal(np.asarray(it["image"]), np.asarray(ref["image"]))
+        assert isinstance(it["image"], Image.Image)
+    assert len({it["style"] for it in items}) >= 3
+    arr = next(iter(ShapeWorldT2I(size=64, seed=2, length=1, as_numpy=True)))["image"]
+    assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+
+
+def test_streams_are_sharded_by_rank():
+    seen = []
+    for rank in range(3):
+        seen.append([it["index"] for it in ShapeWorldVQA(size=64, rank=rank, world_size=3, start=10, length=30)])
+    flat = sorted(itertools.chain(*seen))
+    assert flat == list(range(10, 40))
+    assert seen[1][:3] == [11, 14, 17]
+    # Infinite by default.
+    it = iter(ShapeWorldT2I(size=64, rank=1, world_size=2))
+    assert [next(it)["index"] for _ in range(3)] == [1, 3, 5]
+
+
+def test_streams_are_sharded_by_worker():
+    ds = ShapeWorldVQA(size=64, seed=1, rank=1, world_size=2, length=16)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2,
+                                         collate_fn=lambda x: x)
+    items = list(loader)
+    assert sorted(it["index"] for it in items) == list(range(1, 16, 2))
+    world = ShapeWorld(size=64, seed=1)
+    for it in items[:3]:
+        assert it["conversations"] == world.vqa_item(it["index"])["conversations"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export CLI
+
+
+def _export_parser():
+    parser = argparse.ArgumentParser(prog="harmon data")
+    add_export_command(parser.add_subparsers(dest="cmd", required=True))
+    return parser
+
+
+def test_export_cli(tmp_path, capsys):
+    out = tmp_path / "export"
+    args = _export_parser().parse_args(["export", "--out", str(out), "-n", "5", "--size", "64", "--seed", "7",
+                                        "--shard-size", "2", "--no-progress"])
+    assert args.func(args) == 0
+    assert "exported 5" in capsys.readouterr().out
+    world = ShapeWorld(size=64, seed=7)
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:08d}.png" for i in range(5)]
+    assert np.array_equal(np.asarray(Image.open(pngs[3])), world.sample(3).render_array())
+    t2i = [json.loads(line) for line in (out / "t2i.jsonl").read_text().splitlines()]
+    assert len(t2i) == 5 and t2i[2]["caption"] == world.t2i_item(2)["caption"]
+    assert t2i[2]["image"] == "images/00000002.png" and set(t2i[2]["captions"]) >= {"short", "plain", "detailed"}
+    llava = json.loads((out / "llava.json").read_text())
+    assert len(llava) == 5 and llava[0]["conversations"][0]["value"].startswith("<image>\n")
+    assert llava[4]["conversations"] == world.vqa_item(4)["conversations"]
+    assert len((out / "vqa.jsonl").read_text().splitlines()) == 5
+    shards = sorted((out / "shards").glob("*.tar"))
+    assert [s.name for s in shards] == [f"shapeworld-{k:06d}.tar" for k in range(3)]
+    with tarfile.open(shards[1]) as tar:
+        names = tar.getnames()
+        assert names == ["00000002.png", "00000002.txt", "00000002.json", "00000003.png", "00000003.txt",
+                         "00000003.json"]
+        assert tar.extractfile("00000003.txt").read().decode() == t2i[3]["caption"]
+        meta = json.loads(tar.extractfile("00000003.json").read())
+        assert meta["conversations"] == llava[3]["conversations"]
+        img = Image.open(io.BytesIO(tar.extractfile("00000002.png").read()))
+        assert np.array_equal(np.asarray(img), world.sample(2).render_array())
+
+
+def test_export_bad_arguments(tmp_path):
+    parser = _export_parser()
+    for argv, match in ((["-n", "0"], "number of samples"), (["--size", "32"], "size"),
+                        (["--shard-size", "0"], "shard size")):
+        args = parser.parse_args(["export", "--out", str(tmp_path), "--no-progress", *argv])
+        with pytest.raises(ValueError, match=match):
+            args.func(args)
