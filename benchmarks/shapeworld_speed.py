@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/shapeworld_speed.py [--n 200] [--sizes 64 128 256 512] [--out benchmarks/results/shapeworld_speed.json]
+    python benchmarks/shapeworld_speed.py [--n 200] [--sizes 64 128 256 512]
+                                          [--out benchmarks/results/shapeworld_speed.json]
 
 "generate" = sample a scene + render it to a uint8 array (what a data-loader worker does per item);
 "t2i item" = the full stream item (scene, caption, PIL image); "judge" = detect objects and check the

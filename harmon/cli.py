@@ -4,6 +4,8 @@
     harmon ask image.png "How many shapes are there?"
     harmon caption image.png
     harmon info
+    harmon serve                      # the web page
+    harmon data export / harmon eval shapes / harmon train / harmon train-vae
     harmon reference tests/fixtures/harmon_reference
 """
 
@@ -175,10 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional_commands(sub) -> None:
-    """Commands whose modules live in sub-packages (data, eval, train)."""
+    """Commands whose modules live in sub-packages (data, eval, train, web)."""
     from .data.export import add_export_command
     from .eval.shapes_cli import add_eval_shapes_command
     from .train.cli import add_train_command
+    from .train.vae import add_train_vae_command
+    from .web.server import add_serve_command
 
     data = sub.add_parser("data", help="make data sets").add_subparsers(dest="data_command",
                                                                           required=True)
@@ -187,6 +191,8 @@ def _add_optional_commands(sub) -> None:
                                                                      required=True)
     add_eval_shapes_command(ev)
     add_train_command(sub)
+    add_train_vae_command(sub)
+    add_serve_command(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from harmon.data import HELDOUT_PAIRS, ObjectReq, PromptSpec, ShapeWorld, degrade
-from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, SHAPE_NAMES, gaussian_blur
+from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, SHAPE_NAMES
 from harmon.data.shapeworld import GENEVAL_TAGS, noun_phrase
 from harmon.eval import (ImageLoadError, build_vqa_eval_set, detect, eval_prompts, evaluate_vqa, exact_match,
                          judge_image, load_image, normalize_answer, parse_yes_no, pope_metrics,
@@ -126,6 +126,16 @@ def test_judge_detects_training_scenes():
         assert np.allclose(d.bbox, o.bbox, atol=2.5 / 64)
 
 
+def test_touching_objects_of_different_colours_are_split():
+    from harmon.data.shapeworld import Scene, ShapeObject
+
+    square = ShapeObject("square", "red", 0.3, 0.5, 0.3, (230, 35, 35))
+    circle = ShapeObject("circle", "blue", 0.55, 0.5, 0.3, (40, 85, 240))  # overlapping the square's edge
+    scene = Scene(128, (square, circle), "black", (18, 18, 20), 0.0, 1, "spec")
+    img = degrade(scene.render_array(), 1.0, 8.0)
+    assert sorted((d.shape, d.color) for d in detect(img)) == [("circle", "blue"), ("square", "red")]
+
+
 @pytest.mark.parametrize("kind", ["uniform", "gaussian", "smooth", "black", "gray", "white"])
 def test_noise_and_blank_images_score_zero(kind):
     rng = np.random.default_rng(0)
@@ -137,8 +147,8 @@ def test_noise_and_blank_images_score_zero(kind):
         elif kind == "gaussian":
             img = np.clip(rng.normal(128, 60, (size, size, 3)), 0, 255).astype(np.uint8)
         elif kind == "smooth":  # coloured blobs, the hardest kind of noise for a segmenter
-            x = gaussian_blur(rng.normal(0, 1, (size, size, 3)), size / 16)
-            img = np.clip(x / x.std() * 60 + 128, 0, 255).astype(np.uint8)
+            small = np.clip(rng.normal(128, 70, (12, 12, 3)), 0, 255).astype(np.uint8)
+            img = np.asarray(Image.fromarray(small).resize((size, size), Image.Resampling.BICUBIC))
         else:
             img = np.full((size, size, 3), {"black": 0, "gray": 128, "white": 255}[kind], np.uint8)
         results.append(judge_image(img, spec))
@@ -166,12 +176,15 @@ def _altered(spec: PromptSpec) -> list[PromptSpec]:
         alt.append(dataclasses.replace(spec, include=(ObjectReq(inc[0].shape, 1, other),)))
     elif spec.tag == "position":
         rel, j = inc[1].position
-        alt.append(dataclasses.replace(spec, include=(inc[0], ObjectReq(inc[1].shape, position=(OPPOSITE_RELATION[rel], j)))))
-        # The reference and the subject swapped: "a square left of a circle" for "a circle left of a square".
-        alt.append(dataclasses.replace(spec, include=(ObjectReq(inc[1].shape), ObjectReq(inc[0].shape, position=(rel, 0)))))
+        opposite = ObjectReq(inc[1].shape, position=(OPPOSITE_RELATION[rel], j))
+        alt.append(dataclasses.replace(spec, include=(inc[0], opposite)))
+        # Subject and reference swapped: "a square left of a circle" for "a circle left of a square".
+        swapped = (ObjectReq(inc[1].shape), ObjectReq(inc[0].shape, position=(rel, 0)))
+        alt.append(dataclasses.replace(spec, include=swapped))
     elif spec.tag == "color_attr":
         a, b = inc
-        alt.append(dataclasses.replace(spec, include=(ObjectReq(a.shape, 1, b.color), ObjectReq(b.shape, 1, a.color))))
+        swapped = (ObjectReq(a.shape, 1, b.color), ObjectReq(b.shape, 1, a.color))
+        alt.append(dataclasses.replace(spec, include=swapped))
     return alt
 
 
@@ -193,7 +206,8 @@ def test_reasons_name_the_failed_criterion():
     spec = PromptSpec("color_attr", "a red circle and a blue square",
                       (ObjectReq("circle", 1, "red"), ObjectReq("square", 1, "blue")))
     img = world.scene_for_spec(spec).render_array()
-    swapped = dataclasses.replace(spec, include=(ObjectReq("circle", 1, "blue"), ObjectReq("square", 1, "red")))
+    swapped = dataclasses.replace(spec, include=(ObjectReq("circle", 1, "blue"),
+                                                 ObjectReq("square", 1, "red")))
     r = judge_image(img, swapped)
     assert not r.correct and "blue circle" in r.reason and "red" in r.reason
     three = PromptSpec("counting", "three stars", (ObjectReq("star", 3),), (ObjectReq("star", 4),))
@@ -339,8 +353,10 @@ def _reference(tmp_path: Path, name="gen", transform=None) -> Path:
 def test_eval_shapes_cli_on_reference_images(tmp_path, capsys):
     blur_noise = lambda im, i, j: degrade(im, 1.0, 10.0, seed=100 * i + j)  # noqa: E731
     root = _reference(tmp_path, transform=blur_noise)
-    assert (root / "00000" / "metadata.jsonl").is_file() and (root / "00000" / "samples" / "00001.png").is_file()
-    out = _run(["shapes", "--images", str(root), "--json", str(tmp_path / "scores.json"), "--no-progress"], capsys)
+    assert (root / "00000" / "metadata.jsonl").is_file()
+    assert (root / "00000" / "samples" / "00001.png").is_file()
+    out = _run(["shapes", "--images", str(root), "--json", str(tmp_path / "scores.json"), "--no-progress"],
+               capsys)
     for tag in GENEVAL_TAGS:
         assert tag in out
     lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
@@ -376,7 +392,8 @@ def test_eval_shapes_cli_errors(tmp_path, capsys):
     args = _eval_parser().parse_args(["shapes", "--images", str(empty)])
     with pytest.raises(ValueError, match="no prompt folders"):
         args.func(args)
-    (root / "00002" / "metadata.jsonl").write_text('{"tag": "colors", "include": [{"class": "blob"}], "prompt": "x"}\n')
+    bad_meta = '{"tag": "colors", "include": [{"class": "blob"}], "prompt": "x"}\n'
+    (root / "00002" / "metadata.jsonl").write_text(bad_meta)
     args = _eval_parser().parse_args(["shapes", "--images", str(root), "--no-progress"])
     with pytest.raises(ValueError, match="unknown shape 'blob'"):
         args.func(args)

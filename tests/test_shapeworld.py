@@ -16,8 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec, ShapeWorld,
-                         ShapeWorldT2I, ShapeWorldVQA)
+from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec,
+                         ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 from harmon.data.export import add_export_command
 from harmon.data.shapes import RELATIONS, circumradius, clear_relation
 from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject
@@ -43,7 +43,8 @@ def test_deterministic_per_seed_and_index():
     # Order of access does not matter (no hidden generator state).
     assert np.array_equal(a.sample(5).render_array(), ShapeWorld(size=96, seed=3)[5].render_array())
     other = ShapeWorld(size=96, seed=4)
-    assert any(not np.array_equal(a.sample(i).render_array(), other.sample(i).render_array()) for i in range(4))
+    assert any(not np.array_equal(a.sample(i).render_array(), other.sample(i).render_array())
+               for i in range(4))
 
 
 @pytest.mark.parametrize("size", [64, 100, 128, 256, 512])
@@ -130,7 +131,8 @@ def test_caption_styles():
     mixed = _scene([("cross", "white", 0.2, 0.2), ("cross", "orange", 0.8, 0.8)])
     assert mixed.captions["short"] == "a white cross and an orange cross"
     assert mixed.captions["plain"] == "two crosses"
-    assert s.caption("position") == s.captions["position"] and three.caption("position") == "three orange stars"
+    assert s.caption("position") == s.captions["position"]
+    assert three.caption("position") == "three orange stars"
     with pytest.raises(ValueError, match="caption style"):
         s.caption("poem")
 
@@ -143,7 +145,8 @@ def test_captions_match_objects(scenes):
             assert o.color in caps["short"] and o.shape in caps["short"] + caps["plain"]
             assert o.color in caps["detailed"]
         if s.kind == "count":
-            assert caps["plain"] == f"{word[len(s.objects)]} {s.objects[0].shape}{'es' if s.objects[0].shape == 'cross' else 's'}"
+            shape = s.objects[0].shape
+            assert caps["plain"] == f"{word[len(s.objects)]} {shape}{'es' if shape == 'cross' else 's'}"
         if s.relation:
             i, rel, j = s.relation
             assert clear_relation(s.objects[i].bbox, s.objects[j].bbox) == rel
@@ -216,7 +219,8 @@ def test_spec_roundtrip_and_scene_for_spec():
 
 
 @pytest.mark.parametrize("meta, match", [
-    ({"tag": "colors", "include": [{"class": "circle", "color": "pink"}], "prompt": "x"}, "unknown colour 'pink'"),
+    ({"tag": "colors", "include": [{"class": "circle", "color": "pink"}], "prompt": "x"},
+     "unknown colour 'pink'"),
     ({"tag": "colors", "include": [{"class": "dog"}], "prompt": "x"}, "unknown shape 'dog'"),
     ({"tag": "colours", "include": [{"class": "circle"}], "prompt": "x"}, "unknown tag 'colours'"),
     ({"tag": "position", "include": [{"class": "circle", "position": ["near", 0]}], "prompt": "x"},
@@ -269,7 +273,8 @@ def test_t2i_stream_items():
     world = ShapeWorld(size=64, seed=2)
     for it in items[:5]:
         ref = world.t2i_item(it["index"])
-        assert it["caption"] == ref["caption"] and np.array_equal(np.asarray(it["image"]), np.asarray(ref["image"]))
+        assert it["caption"] == ref["caption"]
+        assert np.array_equal(np.asarray(it["image"]), np.asarray(ref["image"]))
         assert isinstance(it["image"], Image.Image)
     assert len({it["style"] for it in items}) >= 3
     arr = next(iter(ShapeWorldT2I(size=64, seed=2, length=1, as_numpy=True)))["image"]
@@ -279,7 +284,8 @@ def test_t2i_stream_items():
 def test_streams_are_sharded_by_rank():
     seen = []
     for rank in range(3):
-        seen.append([it["index"] for it in ShapeWorldVQA(size=64, rank=rank, world_size=3, start=10, length=30)])
+        ds = ShapeWorldVQA(size=64, rank=rank, world_size=3, start=10, length=30)
+        seen.append([it["index"] for it in ds])
     flat = sorted(itertools.chain(*seen))
     assert flat == list(range(10, 40))
     assert seen[1][:3] == [11, 14, 17]
@@ -321,7 +327,8 @@ def test_export_cli(tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(pngs[3])), world.sample(3).render_array())
     t2i = [json.loads(line) for line in (out / "t2i.jsonl").read_text().splitlines()]
     assert len(t2i) == 5 and t2i[2]["caption"] == world.t2i_item(2)["caption"]
-    assert t2i[2]["image"] == "images/00000002.png" and set(t2i[2]["captions"]) >= {"short", "plain", "detailed"}
+    assert t2i[2]["image"] == "images/00000002.png"
+    assert set(t2i[2]["captions"]) >= {"short", "plain", "detailed"}
     llava = json.loads((out / "llava.json").read_text())
     assert len(llava) == 5 and llava[0]["conversations"][0]["value"].startswith("<image>\n")
     assert llava[4]["conversations"] == world.vqa_item(4)["conversations"]

@@ -2,8 +2,8 @@
 
 from .shapes import (BACKGROUNDS, COLOR_NAMES, COLORS, MAX_OBJECTS, RELATIONS, SHAPE_NAMES, SHAPES, degrade,
                      gaussian_blur, relative_position)
-from .shapeworld import (GENEVAL_TAGS, HELDOUT_PAIRS, QA, ObjectReq, PromptSpec, Scene, ShapeObject, ShapeWorld,
-                         ShapeWorldT2I, ShapeWorldVQA)
+from .shapeworld import (GENEVAL_TAGS, HELDOUT_PAIRS, QA, ObjectReq, PromptSpec, Scene, ShapeObject,
+                         ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 
 __all__ = [
     "BACKGROUNDS", "COLORS", "COLOR_NAMES", "GENEVAL_TAGS", "HELDOUT_PAIRS", "MAX_OBJECTS", "ObjectReq",

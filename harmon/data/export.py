@@ -105,7 +105,8 @@ def export(out_dir: str | Path, n: int, size: int = 128, seed: int = 0, start: i
                     t2i_f.write(json.dumps({**rec_t2i, "image": img_rel}) + "\n")
                 if rec_vqa is not None:
                     vqa_f.write(json.dumps({**rec_vqa, "image": img_rel}) + "\n")
-                    llava.append({"id": rec_vqa["id"], "image": img_rel, "conversations": rec_vqa["conversations"]})
+                    llava.append({"id": rec_vqa["id"], "image": img_rel,
+                                  "conversations": rec_vqa["conversations"]})
             if do_wds:
                 if k % shard_size == 0:
                     if tar is not None:

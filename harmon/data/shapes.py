@@ -241,7 +241,7 @@ def make_background(size: int, rgb: tuple[float, float, float], texture: float,
         grid = rng.standard_normal((k, k)).astype(np.float32)
         smooth = np.asarray(Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC))
         smooth = smooth / max(float(np.abs(smooth).max()), 1e-6)
-        grain = rng.standard_normal((size, size)).astype(np.float32) * 0.15
+        grain = rng.standard_normal((size, size), dtype=np.float32) * 0.15
         bg += (texture * (smooth + grain))[..., None]
     return bg
 
@@ -270,15 +270,16 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     k = gaussian_kernel(sigma)
     r = len(k) // 2
     for axis in (0, 1):
+        n = x.shape[axis]
         pad = [(0, 0)] * x.ndim
         pad[axis] = (r, r)
-        xp = np.pad(x, pad, mode="reflect" if x.shape[axis] > r else "edge")
-        out = np.zeros_like(x)
-        n = x.shape[axis]
-        for i, w in enumerate(k):
-            out += w * np.take(xp, np.arange(i, i + n), axis=axis)
-        x = out
-    return x
+        xp = np.pad(x, pad, mode="reflect" if n > r else "edge")
+        xp = np.moveaxis(xp, axis, 0)  # a view: slicing the first axis is cheap
+        out = k[0] * xp[0:n]
+        for i in range(1, len(k)):
+            out += k[i] * xp[i:i + n]
+        x = np.moveaxis(out, 0, axis)
+    return np.ascontiguousarray(x)
 
 
 def degrade(image, blur_sigma: float = 0.0, noise_std: float = 0.0, seed: int = 0) -> np.ndarray:
@@ -297,7 +298,7 @@ def degrade(image, blur_sigma: float = 0.0, noise_std: float = 0.0, seed: int = 
     if blur_sigma > 0:
         x = gaussian_blur(x, blur_sigma)
     if noise_std > 0:
-        x = x + np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32) * noise_std
+        x = x + np.random.default_rng(seed).standard_normal(x.shape, dtype=np.float32) * noise_std
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 

@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .shapes import (BACKGROUNDS, COLOR_NAMES, COLORS, MAX_OBJECTS, NUMBER_WORDS, OPPOSITE_RELATION, RELATIONS,
-                     SHAPE_NAMES,
+from .shapes import (BACKGROUNDS, COLOR_NAMES, COLORS, MAX_OBJECTS, NUMBER_WORDS, OPPOSITE_RELATION,
+                     RELATIONS, SHAPE_NAMES,
                      SHAPES, article, check_color, check_relation, check_shape, check_size, circumradius,
                      clear_relation, half_extent, make_background, shape_alpha)
 
@@ -400,7 +400,8 @@ class Scene:
         if self.relation is not None:
             i, rel, j = self.relation
             a, b = self.objects[i], self.objects[j]
-            caps["position"] = f"{noun_phrase(a.shape, a.color)} {RELATIONS[rel]} {noun_phrase(b.shape, b.color)}"
+            caps["position"] = (f"{noun_phrase(a.shape, a.color)} {RELATIONS[rel]} "
+                                f"{noun_phrase(b.shape, b.color)}")
             caps["position_plain"] = f"{noun_phrase(a.shape)} {RELATIONS[rel]} {noun_phrase(b.shape)}"
         parts = []
         for o in sorted(self.objects, key=lambda o: (min(int(o.y * 3), 2), o.x)):
@@ -522,7 +523,8 @@ class Scene:
         if len(self.objects) == 1:
             o = self.objects[0]
             specs.append(PromptSpec("single_object", noun_phrase(o.shape), (ObjectReq(o.shape),)))
-            specs.append(PromptSpec("colors", noun_phrase(o.shape, o.color), (ObjectReq(o.shape, 1, o.color),)))
+            specs.append(PromptSpec("colors", noun_phrase(o.shape, o.color),
+                                    (ObjectReq(o.shape, 1, o.color),)))
         if len(shape_counts) == 1:
             s, n = next(iter(shape_counts.items()))
             if n >= 2:
@@ -530,7 +532,8 @@ class Scene:
                                         (ObjectReq(s, n + 1),)))
         if len(self.objects) == 2 and len(shape_counts) == 2:
             a, b = self.objects
-            specs.append(PromptSpec("two_object", self.captions["plain"], (ObjectReq(a.shape), ObjectReq(b.shape))))
+            specs.append(PromptSpec("two_object", self.captions["plain"],
+                                    (ObjectReq(a.shape), ObjectReq(b.shape))))
             specs.append(PromptSpec("color_attr", self.captions["short"],
                                     (ObjectReq(a.shape, 1, a.color), ObjectReq(b.shape, 1, b.color))))
         if self.relation is not None and len(shape_counts) == len(self.objects):
@@ -622,7 +625,8 @@ class ShapeWorld:
             # A freely placed pair can still happen to be clearly related; say so when it is.
             rel = clear_relation(objs[0].bbox, objs[1].bbox)
             relation = (0, rel, 1) if rel else None
-        return Scene(self.size, tuple(objs), bg, bg_rgb, texture, noise_seed, kind, relation, index, self.seed)
+        return Scene(self.size, tuple(objs), bg, bg_rgb, texture, noise_seed, kind, relation, index,
+                     self.seed)
 
     def sample(self, index: int) -> Scene:
         """Scene ``index`` of this world (deterministic in ``(seed, index)``)."""
@@ -649,7 +653,8 @@ class ShapeWorld:
         else:  # multi
             n = int(rng.integers(3, MAX_OBJECTS + 1))
             items = [self._pairs[rng.integers(len(self._pairs))][::-1] for _ in range(n)]
-        return self._finish(rng, items, constraints, kind, int(index), reading_order=kind in ("count", "multi"))
+        return self._finish(rng, items, constraints, kind, int(index),
+                            reading_order=kind in ("count", "multi"))
 
     __getitem__ = sample
 
@@ -687,7 +692,8 @@ class ShapeWorld:
         generator of its own (``[seed, index, 1]``), so the scene does not depend on it; position
         styles fall back to short/plain for scenes without a clear relation.
         """
-        w = _check_weights(style_weights or DEFAULT_STYLE_WEIGHTS, list(DEFAULT_STYLE_WEIGHTS), "caption style")
+        w = _check_weights(style_weights or DEFAULT_STYLE_WEIGHTS, list(DEFAULT_STYLE_WEIGHTS),
+                           "caption style")
         scene = scene if scene is not None else self.sample(index)
         style = _choice(np.random.default_rng([self.seed, int(index), 1]), w)
         if style.startswith("position") and scene.relation is None:
@@ -704,7 +710,8 @@ class ShapeWorld:
         :data:`DEFAULT_QTYPE_WEIGHTS`) among the types the scene has (generator ``[seed, index, 2]``),
         then one question of that type; turns do not repeat a question.
         """
-        w = _check_weights(qtype_weights or DEFAULT_QTYPE_WEIGHTS, list(DEFAULT_QTYPE_WEIGHTS), "question type")
+        w = _check_weights(qtype_weights or DEFAULT_QTYPE_WEIGHTS, list(DEFAULT_QTYPE_WEIGHTS),
+                           "question type")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
         scene = scene if scene is not None else self.sample(index)

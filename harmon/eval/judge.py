@@ -13,8 +13,10 @@ Detection (:func:`detect`) works at a fixed working resolution (the longer side 
    ``a >= 0.5`` form the object (a half-coverage contour, where a blurred edge really is). A component
    whose pixels fall into two or more substantial colours (touching objects) is split by colour.
 4. **Shape.** Scale-free features of each object mask (area / bounding box, area / convex hull, aspect
-   ratio, share of the area in the upper half, hull perimeter^2 / hull area) are compared with
-   prototypes measured once on the world's own outlines at many sizes and blurs.
+   ratio, share of the area in the upper half, up-down symmetry, fill of the box corners, hull
+   perimeter^2 / hull area) are matched to their nearest neighbours among reference features measured
+   once on the world's own outlines at many sizes, blurs and noise levels; too far from all of them,
+   the shape is unknown (None).
 
 Scoring (:func:`check_spec`) follows GenEval: every ``include`` entry needs ``count`` objects of its
 shape (and colour); a ``position`` needs the relation, decided from box centres as GenEval does; every
@@ -71,11 +73,11 @@ class Detection:
     """One detected object.
 
     Attributes:
-        shape: shape name, or None when no prototype is close enough.
+        shape: shape name, or None when no reference shape is close enough.
         color: colour name, or None when no palette colour is close enough.
         bbox: ``(x0, y0, x1, y1)`` normalised to [0, 1] (pixel edges).
         area: fraction of the image covered.
-        shape_distance: RMS z-distance to the chosen shape prototype.
+        shape_distance: distance to the chosen shape (see :func:`classify_shape`).
         color_distance: RGB distance of the object's median colour to its palette segment.
         features: the shape features (extent, solidity, log aspect, top share, hull compactness).
     """
@@ -162,14 +164,18 @@ def load_image(path: str | Path) -> np.ndarray:
 
 
 def _to_work(x: np.ndarray) -> np.ndarray:
+    """Resize float RGB (H, W, 3) so the longer side is WORK_SIZE: float32 (h, w, 3).
+
+    Goes through uint8 (one PIL call for the three channels; rounding to 1/255 is far below the
+    thresholds). PIL's bilinear filter widens with the scale when shrinking, so it averages areas.
+    """
     h, w = x.shape[:2]
     s = WORK_SIZE / max(h, w)
     nh, nw = max(int(round(h * s)), 1), max(int(round(w * s)), 1)
     if (nh, nw) == (h, w):
         return x
-    chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), "F").resize(
-        (nw, nh), Image.Resampling.BILINEAR)) for c in range(3)]
-    return np.stack(chans, -1).astype(np.float32)
+    im = Image.fromarray(np.clip(np.rint(x), 0, 255).astype(np.uint8), "RGB")
+    return np.asarray(im.resize((nw, nh), Image.Resampling.BILINEAR), np.float32)
 
 
 def _box3(x: np.ndarray) -> np.ndarray:
@@ -316,7 +322,7 @@ def _third_weights(n: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shape prototypes
+# Shape references
 
 
 #: Scale of each shape feature in distances: roughly how much it wobbles for one shape across sizes,
@@ -460,7 +466,8 @@ def _describe(part: np.ndarray, y0: int, x0: int, sm: np.ndarray, bg: np.ndarray
     feats = shape_features(part)
     shape, sdist = classify_shape(feats)
     by0, by1, bx0, bx1 = ys.min() + y0, ys.max() + 1 + y0, xs.min() + x0, xs.max() + 1 + x0
-    return Detection(shape=shape, color=color, bbox=(bx0 / W, by0 / H, bx1 / W, by1 / H),
+    bbox = (float(bx0 / W), float(by0 / H), float(bx1 / W), float(by1 / H))
+    return Detection(shape=shape, color=color, bbox=bbox,
                      area=len(ys) / (H * W), shape_distance=sdist, color_distance=float(rr[0]),
                      features=tuple(float(f) for f in feats))
 
@@ -503,9 +510,11 @@ def check_spec(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, 
                     return False, (f"expected {req.shape} {rel} {spec.include[j].shape}, found "
                                    f"{', '.join(sorted(rels)) or 'no clear relation'}")
     for req in spec.exclude:
-        found = [d for d in detections if d.shape == req.shape and (req.color is None or d.color == req.color)]
+        found = [d for d in detections
+                 if d.shape == req.shape and (req.color is None or d.color == req.color)]
         if len(found) >= req.count:
-            return False, f"expected fewer than {_plural(req.count, req.shape, req.color)}, found {len(found)}"
+            return False, (f"expected fewer than {_plural(req.count, req.shape, req.color)}, "
+                           f"found {len(found)}")
     return True, "ok"
 
 
@@ -527,7 +536,8 @@ def summarize(results: Iterable[JudgeResult]) -> dict[str, Any]:
     """
     groups: dict[str, dict[str, list[bool]]] = {}
     for r in results:
-        groups.setdefault("heldout" if r.split == "heldout" else "main", {}).setdefault(r.tag, []).append(r.correct)
+        group = groups.setdefault("heldout" if r.split == "heldout" else "main", {})
+        group.setdefault(r.tag, []).append(r.correct)
 
     def table(g: dict[str, list[bool]]) -> dict[str, Any]:
         cats = {t: {"accuracy": float(np.mean(g[t])), "correct": int(sum(g[t])), "images": len(g[t])}

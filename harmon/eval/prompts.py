@@ -236,7 +236,8 @@ def read_geneval_folder(root: str | Path) -> list[tuple[Path, PromptSpec, list[P
     for d in dirs:
         specs = read_metadata_jsonl(d / "metadata.jsonl")
         if len(specs) != 1:
-            raise ValueError(f"{d / 'metadata.jsonl'}: expected exactly one metadata line, found {len(specs)}")
+            raise ValueError(f"{d / 'metadata.jsonl'}: expected exactly one metadata line, "
+                             f"found {len(specs)}")
         sd = d / "samples"
         imgs = sorted(p for p in sd.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")) \
             if sd.is_dir() else []

@@ -65,8 +65,8 @@ def evaluate_folder(root: str | Path, skip_corrupt: bool = False, progress: bool
                     print(f"warning: {e}; counted as incorrect", file=sys.stderr)
                     dets, ok, reason = [], False, f"unreadable image: {e}"
                 results.append(JudgeResult(spec.tag, spec.prompt, ok, reason, spec.split, tuple(dets)))
-                records.append({"prompt_dir": d.name, "image": str(path), "tag": spec.tag, "split": spec.split,
-                                "prompt": spec.prompt, "correct": ok, "reason": reason,
+                records.append({"prompt_dir": d.name, "image": str(path), "tag": spec.tag,
+                                "split": spec.split, "prompt": spec.prompt, "correct": ok, "reason": reason,
                                 "detections": [{"shape": x.shape, "color": x.color,
                                                 "bbox": [round(v, 4) for v in x.bbox]} for x in dets]})
                 bar.update(1)
@@ -91,7 +91,8 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
             c = table["categories"].get(tag)
             if c is None:
                 continue
-            lines.append(f"{tag:<16}{c.get('prompts', 0):>8}{c['images']:>8}{c['correct']:>9}{c['accuracy']:>10.4f}")
+            lines.append(f"{tag:<16}{c.get('prompts', 0):>8}{c['images']:>8}{c['correct']:>9}"
+                         f"{c['accuracy']:>10.4f}")
         lines.append(f"{'overall':<16}{'':>8}{table['images']:>8}{'':>9}{table['overall']:>10.4f}")
 
     if summary["categories"]:
@@ -100,6 +101,7 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         if summary["categories"]:
             lines.append("")
         block(summary["heldout"], "held-out colour-shape pairs:")
+    lines.append("(overall = mean of the category accuracies, as in GenEval)")
     return "\n".join(lines)
 
 
@@ -112,11 +114,13 @@ def run_eval_shapes(args: argparse.Namespace, out: TextIO | None = None) -> int:
         return 0
     if args.write_reference is not None:
         specs = eval_prompts(args.split)
-        write_reference_folder(args.write_reference, specs, samples=args.samples, size=args.size, seed=args.seed)
+        write_reference_folder(args.write_reference, specs, samples=args.samples, size=args.size,
+                               seed=args.seed)
         print(f"wrote {len(specs)} prompts x {args.samples} reference images ({args.size} px) to "
               f"{args.write_reference}", file=out)
         return 0
-    records, summary = evaluate_folder(args.images, skip_corrupt=args.skip_corrupt, progress=not args.no_progress)
+    records, summary = evaluate_folder(args.images, skip_corrupt=args.skip_corrupt,
+                                       progress=not args.no_progress)
     print(format_table(summary, f"ShapeWorld judge, {args.images}"), file=out)
     if args.json is not None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -133,15 +137,19 @@ def add_eval_shapes_command(subparsers) -> argparse.ArgumentParser:
                     "print accuracy per category; or write the prompts / reference images.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", type=Path, metavar="DIR",
-                   help="folder laid out as GenEval lays it out: DIR/00000/metadata.jsonl, DIR/00000/samples/*.png")
-    g.add_argument("--write-metadata", type=Path, metavar="JSONL", help="write the evaluation prompts and exit")
+                   help="folder laid out as GenEval lays it out: DIR/00000/metadata.jsonl, "
+                        "DIR/00000/samples/*.png")
+    g.add_argument("--write-metadata", type=Path, metavar="JSONL",
+                   help="write the evaluation prompts and exit")
     g.add_argument("--write-reference", type=Path, metavar="DIR",
                    help="write ShapeWorld's own images for the evaluation prompts (a perfect generator)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write per-image results and the summary")
-    p.add_argument("--skip-corrupt", action="store_true", help="count unreadable images as wrong instead of failing")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="count unreadable images as wrong instead of failing")
     p.add_argument("--split", choices=["test", "heldout", "all"], default="all",
                    help="prompt split for --write-metadata / --write-reference (default: all)")
-    p.add_argument("--samples", type=int, default=4, help="images per prompt for --write-reference (default 4)")
+    p.add_argument("--samples", type=int, default=4,
+                   help="images per prompt for --write-reference (default 4)")
     p.add_argument("--size", type=int, default=128, help="image size for --write-reference (default 128)")
     p.add_argument("--seed", type=int, default=0, help="world seed for --write-reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -132,7 +132,8 @@ def build_vqa_eval_set(n_images: int = 100, size: int = 128, seed: int = 0,
     return items
 
 
-def evaluate_vqa(items: Sequence[VQAItem | QA | Mapping[str, Any]], predictions: Sequence[str]) -> dict[str, Any]:
+def evaluate_vqa(items: Sequence[VQAItem | QA | Mapping[str, Any]],
+                 predictions: Sequence[str]) -> dict[str, Any]:
     """Score answers to a question set.
 
     Args:

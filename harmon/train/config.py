@@ -98,6 +98,8 @@ class DataConfig:
         if self.image_size <= 0 or self.image_size % 16:
             raise ValueError(f"data.image_size must be a positive multiple of 16, got "
                              f"{self.image_size}")
+        if self.max_prompt_tokens < 1 or self.max_length < 2:
+            raise ValueError("data.max_prompt_tokens must be >= 1 and data.max_length >= 2")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ValueError(f"data.caption_dropout must lie in [0, 1], got {self.caption_dropout}")
         for task, n in zip(TASKS, self.ratio):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import io
+from array import array
 import json
 import os
 import sys
@@ -50,7 +51,8 @@ from .config import TASKS, DataConfig, SourceConfig
 IMAGE_TOKEN_ID = -200  # placeholder id of the image positions in i2t input_ids (HarmonModel default)
 IGNORE_INDEX = -100
 MAX_CONSECUTIVE_BAD = 1000  # a source whose next 1000 items are all unreadable is an error
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SOURCE_EXTS = {"jsonl": (".jsonl",), "llava": (".json",), "webdataset": (".tar",), "text": (".jsonl",)}
 
 # Instructions paired with dense captions in i2t caption data. Our own paraphrases of the
 # "describe in detail" kind (the reference's exact list is not published; training.md §2.1).
@@ -195,24 +197,27 @@ class JsonlSource:
     """
 
     def __init__(self, path: str, image_root: str = ""):
-        self.files = _expand_paths(path, (".jsonl",))
-        self.index: list[tuple[int, int]] = []  # (file number, byte offset)
+        self.files = _expand_paths(path, SOURCE_EXTS["jsonl"])
+        # compact arrays (8 + 4 bytes a line): tens of millions of lines fit, and forked
+        # DataLoader workers share them
+        self.offsets, self.file_of = array("q"), array("i")
         for n, f in enumerate(self.files):
             with open(f, "rb") as fh:
                 off = 0
                 for line in fh:
                     if line.strip():
-                        self.index.append((n, off))
+                        self.offsets.append(off)
+                        self.file_of.append(n)
                     off += len(line)
-        if not self.index:
+        if not self.offsets:
             raise ValueError(f"data path {path} holds no JSON line")
         self.image_root = image_root
 
     def num_items(self) -> int | None:
-        return len(self.index)
+        return len(self.offsets)
 
     def item(self, i: int) -> dict:
-        n, off = self.index[i]
+        n, off = self.file_of[i], self.offsets[i]
         with open(self.files[n], "rb") as fh:
             fh.seek(off)
             line = fh.readline()
@@ -245,7 +250,7 @@ class LlavaSource:
     def __init__(self, path: str, image_root: str = ""):
         self.items: list[dict] = []
         self.roots: list[Path] = []
-        for f in _expand_paths(path, (".json",)):
+        for f in _expand_paths(path, SOURCE_EXTS["llava"]):
             try:
                 data = json.loads(f.read_text())
             except json.JSONDecodeError as e:
@@ -271,9 +276,12 @@ class WebDatasetSource:
     """``.tar`` shards in webdataset layout: members ``KEY.EXT`` grouped by KEY; an image
     (jpg/png/webp) plus ``KEY.txt`` (caption) or ``KEY.json`` (caption / conversations)."""
 
+    FIELDS = ("img", "txt", "json")  # per sample: byte offset and size of each member (-1: none)
+
     def __init__(self, path: str, image_root: str = ""):
-        self.shards = _expand_paths(path, (".tar",))
-        self.samples: list[tuple[int, dict[str, tuple[int, int]]]] = []  # shard, ext -> (off, size)
+        self.shards = _expand_paths(path, SOURCE_EXTS["webdataset"])
+        self.shard_of = array("i")
+        self.where = {f: (array("q"), array("q")) for f in self.FIELDS}
         for n, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
             try:
@@ -284,40 +292,52 @@ class WebDatasetSource:
                         base = m.name.rsplit("/", 1)[-1]
                         if "." not in base:
                             continue
-                        key, ext = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0], \
-                            base.split(".", 1)[1].lower()
-                        groups.setdefault(key, {})[ext] = (m.offset_data, m.size)
+                        stem, ext = base.split(".", 1)
+                        key = m.name[: len(m.name) - len(base)] + stem
+                        groups.setdefault(key, {})[ext.lower()] = (m.offset_data, m.size)
             except (tarfile.TarError, OSError) as e:
                 warnings.warn(f"skipping unreadable tar shard {shard}: {e}")
                 continue
-            self.samples += [(n, g) for _, g in sorted(groups.items())]
-        if not self.samples:
+            for _, g in sorted(groups.items()):
+                img = next((k for k, e in enumerate(WDS_IMAGE_EXTS) if e in g), -1)
+                self.shard_of.append(n)
+                for f, member in (("img", WDS_IMAGE_EXTS[img] if img >= 0 else None),
+                                  ("txt", "txt"), ("json", "json")):
+                    off, size = g.get(member, (-1, -1))
+                    self.where[f][0].append(off)
+                    self.where[f][1].append(size)
+        if not self.shard_of:
             raise ValueError(f"data path {path} holds no webdataset sample")
 
     def num_items(self) -> int | None:
-        return len(self.samples)
+        return len(self.shard_of)
 
-    def _read(self, n: int, off: int, size: int) -> bytes:
-        with open(self.shards[n], "rb") as fh:
+    def _read(self, i: int, field: str) -> bytes | None:
+        off, size = self.where[field][0][i], self.where[field][1][i]
+        if off < 0:
+            return None
+        with open(self.shards[self.shard_of[i]], "rb") as fh:
             fh.seek(off)
             return fh.read(size)
 
     def item(self, i: int) -> dict:
-        n, members = self.samples[i]
         out: dict[str, Any] = {}
-        img = next((e for e in ("jpg", "jpeg", "png", "webp") if e in members), None)
-        if img is not None:
-            out["image"] = self._read(n, *members[img])
-        if "json" in members:
+        image = self._read(i, "img")
+        if image is not None:
+            out["image"] = image
+        meta = self._read(i, "json")
+        if meta is not None:
             try:
-                meta = json.loads(self._read(n, *members["json"]))
+                meta = json.loads(meta)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadItem(f"{self.shards[n]}: sample {i} has invalid JSON ({e})") from None
+                raise BadItem(f"{self.shards[self.shard_of[i]]}: sample {i} has invalid JSON "
+                              f"({e})") from None
             if isinstance(meta, dict):
                 out.update({k: v for k, v in meta.items() if k in ("caption", "conversations",
                                                                     "text")})
-        if "txt" in members and "caption" not in out:
-            out["caption"] = self._read(n, *members["txt"]).decode("utf-8", errors="replace")
+        text = self._read(i, "txt")
+        if text is not None and "caption" not in out:
+            out["caption"] = text.decode("utf-8", errors="replace")
         return out
 
 
@@ -337,25 +357,50 @@ def build_source(sc: SourceConfig, image_size: int, run_seed: int):
 # streams
 
 
+def _mix64(x: int) -> int:
+    # splitmix64 finaliser: a cheap, well-spread 64-bit hash
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def shuffled_index(i: int, n: int, key: int) -> int:
+    """Position i of a pseudo-random permutation of range(n) chosen by ``key``, in O(1) memory.
+
+    A 4-round Feistel network permutes the smallest even-bit-width domain >= n; values that land
+    outside range(n) are mapped again until they fall inside (cycle walking), which keeps it a
+    bijection of range(n).
+    """
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for r in range(4):
+            left, right = right, left ^ (_mix64(key ^ (r << 60) ^ right) & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
 class Stream:
     """An infinite, position-addressable view of a source.
 
-    Position j of a finite source of n items is item ``perm_e[j mod n]`` with e = j // n and
-    ``perm_e`` the permutation drawn from ``(seed, e)``; an infinite source is read at j directly.
+    Position j of a finite source of n items is item ``perm_e(j mod n)``, e = j // n, where
+    ``perm_e`` is the permutation keyed by ``(seed, e)`` (:func:`shuffled_index`): a new order
+    every epoch, nothing stored. An endless source is read at j directly.
     """
 
     def __init__(self, source, seed: int):
         self.source, self.seed = source, seed
         self.n = source.num_items()
-        self._perm: tuple[int, np.ndarray] | None = None
 
     def index(self, j: int) -> int:
         if self.n is None:
             return j
-        epoch = j // self.n
-        if self._perm is None or self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return int(self._perm[1][j % self.n])
+        epoch, k = divmod(j, self.n)
+        return shuffled_index(k, self.n, mix_seed(self.seed, epoch))
 
 
 class TaskStream:

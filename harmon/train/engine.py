@@ -177,9 +177,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
+        check_paths(cfg)  # fail now, not after minutes of model building
         model, self.tokenizer, self.model_source = build_model(cfg.model)
-        if cfg.data.max_prompt_tokens < 1:
-            raise ValueError("data.max_prompt_tokens must be >= 1")
         self.trainable_counts = set_trainable(model, cfg.optim.frozen)
         if run.grad_checkpointing:
             model.mar.grad_checkpointing = True
@@ -190,6 +189,8 @@ class Trainer:
         state = None
         if resume and latest is not None:
             state = json.loads((latest / "state.json").read_text())
+            self.step = self.step0 = int(state["step"])
+            self.G0 = int(state["next_G"])
             sd = load_file(str(latest / "model.safetensors"))
             load_training_weights(model, sd, str(latest))
         model.to(d.device)
@@ -220,6 +221,10 @@ class Trainer:
             self._load_state(latest, state)
             if d.main:
                 print(f"resuming from {latest} (step {self.step})", file=sys.stderr)
+                changed = _diff(state.get("config", {}), cfg.to_dict())
+                if changed:
+                    print(f"note: the config differs from the checkpoint's in {changed[:8]}; the "
+                          "run will not replay an uninterrupted one exactly", file=sys.stderr)
 
         # data: the micro-batches this rank reads, from the current step on
         self.accum = cfg.grad_accum
@@ -244,14 +249,13 @@ class Trainer:
         trainable parameter when the output embedding is tied (the input table)."""
         pattern = [t for t, r in zip(TASKS, self.cfg.data.ratio) for _ in range(r)]
         P, A, W = len(pattern), self.cfg.grad_accum, self.dist.world
-        last = {pattern[(s * W * A + r * A + A - 1) % P] for s in range(P) for r in range(W)}
+        last = {pattern[(self.G0 + s * W * A + r * A + A - 1) % P] for s in range(P)
+                for r in range(W)}
         return last != {"t2i"} or not self.model.cfg.llm.tie_word_embeddings
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def _load_state(self, path: Path, state: dict):
-        self.step = int(state["step"])
-        self.G0, self.step0 = int(state["next_G"]), self.step
         self.skipped = int(state.get("skipped", 0))
         self.samples_seen = dict(state.get("samples_seen", self.samples_seen))
         self.elapsed = float(state.get("elapsed", 0.0))
@@ -585,6 +589,22 @@ class Trainer:
 # helpers
 
 
+def check_paths(cfg: TrainConfig) -> None:
+    """Every file the config names must exist (data sources, weights, tokenizer)."""
+    from .data import SOURCE_EXTS, _expand_paths
+
+    for key in ("init", "llm_init", "mar_init", "vae", "tokenizer"):
+        path = getattr(cfg.model, key)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"model.{key} = {path} does not exist")
+    for i, sc in enumerate(cfg.data.sources):
+        if sc.kind != "shapeworld":
+            _expand_paths(sc.path, SOURCE_EXTS[sc.kind])
+            if sc.image_root and not Path(sc.image_root).is_dir():
+                raise FileNotFoundError(f"data.sources.{i}.image_root = {sc.image_root} is not a "
+                                        "directory")
+
+
 def shard_model(root: nn.Module, model: HarmonModel, d: Dist) -> None:
     """FSDP2: one unit per LLM layer, per MAR block and for the head; the rest in the root.
 
@@ -660,6 +680,16 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (written after the checkpoint a resume starts from)."""
     if not path.is_file():
@@ -683,8 +713,15 @@ def _tensorboard(path: Path):
 
 
 def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU (GiB)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:  # VmHWM: unlike ru_maxrss it is not inherited from a parent across fork + exec
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 

@@ -1,0 +1,174 @@
+"""harmon.train: configs (files, overrides, errors), stage settings of Table 1, optimiser groups."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from harmon.configs import tiny
+from harmon.models.harmon import HarmonModel
+from harmon.train.config import OptimConfig, dump_toml, load_config
+from harmon.train.optim import GROUPS, group_of, lr_factor, param_groups, set_trainable
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+STAGES = {  # Table 1 (training.md §3): frozen groups, LR decoder / encoder / LLM, size, steps
+    1: ({"llm"}, 1e-4, 1e-5, None, 256, 4096, (0, 1, 2)),
+    2: (set(), 1e-4, 1e-5, 1e-5, 256, 4096, (1, 3, 8)),
+    3: (set(), 2e-5, 2e-6, 2e-6, 512, 1024, (1, 3, 16)),
+}
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_configs_follow_table_1(stage, size):
+    cfg = load_config(CONFIGS / f"stage{stage}_{size}.toml")
+    frozen, lr_dec, lr_enc, lr_llm, px, batch, ratio = STAGES[stage]
+    assert cfg.stage == stage
+    assert set(cfg.optim.frozen) == frozen
+    assert cfg.optim.lr_of("mar_decoder") == lr_dec and cfg.optim.lr_of("head") == lr_dec
+    assert cfg.optim.lr_of("connectors") == lr_dec
+    assert cfg.optim.lr_of("mar_encoder") == lr_enc
+    if lr_llm is not None:
+        assert cfg.optim.lr_of("llm") == lr_llm
+    assert cfg.data.image_size == px
+    assert cfg.run.steps == 50_000 and cfg.optim.warmup_steps == 500
+    assert cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.02
+    assert cfg.optim.clip_grad_norm == 1.0 and cfg.optim.schedule == "cosine"
+    assert cfg.run.grad_checkpointing and cfg.run.precision == "auto"
+    # the global batch on the paper's 32 GPUs, and the sample ratio text : i2t : t2i
+    per_task = [r * n for r, n in zip(cfg.data.ratio, (cfg.data.micro_batch.text,
+                                                         cfg.data.micro_batch.i2t,
+                                                         cfg.data.micro_batch.t2i))]
+    cycles = cfg.grad_accum // sum(cfg.data.ratio)
+    assert 32 * cycles * sum(per_task) == batch
+    target = [r / sum(ratio) for r in ratio]
+    got = [n / sum(per_task) for n in per_task]
+    assert max(abs(a - b) for a, b in zip(got, target)) < 0.05
+    assert cfg.data.max_length > (px // 16) ** 2 + 64 + 512
+    if stage == 1:
+        assert cfg.model.llm_init and cfg.model.mar_init and cfg.model.vae
+        assert f"harmon-{size}" == cfg.model.preset
+    else:
+        assert cfg.model.init.endswith(f"stage{stage - 1}_{size}/final")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_config_round_trips_through_toml(path):
+    cfg = load_config(path)
+    again = load_config(None, base=tomllib.loads(dump_toml(cfg)))
+    assert again == cfg
+
+
+def test_shapeworld_configs_mirror_the_stages():
+    cfgs = [load_config(CONFIGS / f"shapeworld_stage{s}.toml") for s in (1, 2, 3)]
+    assert [c.stage for c in cfgs] == [1, 2, 3]
+    assert cfgs[0].optim.frozen == ["llm"] and cfgs[1].optim.frozen == [] == cfgs[2].optim.frozen
+    assert [c.data.image_size for c in cfgs] == [64, 64, 128]
+    assert cfgs[1].model.init == cfgs[0].run.out_dir + "/final"
+    assert cfgs[2].model.init == cfgs[1].run.out_dir + "/final"
+    for c, ratio in zip(cfgs, [(0, 1, 2), (1, 3, 8), (1, 3, 16)]):
+        mb = c.data.micro_batch
+        samples = [r * n for r, n in zip(c.data.ratio, (mb.text, mb.i2t, mb.t2i))]
+        assert [s / samples[2] for s in samples] == [r / ratio[2] for r in ratio]
+        assert all(s.kind == "shapeworld" for s in c.data.sources)
+
+
+def test_overrides_are_typed_and_reach_nested_keys(tmp_path):
+    cfg = load_config(CONFIGS / "shapeworld_stage2.toml",
+                      ["run.steps=7", "optim.lr_llm=2e-6", "optim.betas=[0.9, 0.99]",
+                       "data.sources.1.turns=3", "model.preset=harmon-0.5b", "optim.lr_head=5e-5",
+                       "run.grad_checkpointing=true", "data.micro_batch.t2i=3"])
+    assert cfg.run.steps == 7 and cfg.optim.lr_llm == 2e-6 and cfg.optim.betas == [0.9, 0.99]
+    assert cfg.data.sources[1].turns == 3 and cfg.model.preset == "harmon-0.5b"
+    assert cfg.optim.lr_of("head") == 5e-5 and cfg.optim.lr_of("connectors") == 1e-3
+    assert cfg.run.grad_checkpointing is True and cfg.data.micro_batch.t2i == 3
+
+
+@pytest.mark.parametrize("override, words", [
+    ("run.stepz=3", ["'run.stepz'", "steps"]),
+    ("optimizer.lr=1", ["'optimizer'", "optim"]),
+    ("data.sources.9.path=x", ["data.sources.9", "list"]),
+    ("run.steps=abc", ["run.steps", "integer"]),
+    ("run.grad_checkpointing=1", ["run.grad_checkpointing", "true or false"]),
+    ("optim.frozen=[\"vae\"]", ["vae", "groups"]),
+    ("data.ratio=[0, 0, 0]", ["data.ratio"]),
+    ("data.image_size=100", ["multiple of 16"]),
+    ("run.strategy=zero3", ["run.strategy", "fsdp"]),
+    ("steps", ["key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(ValueError) as e:
+        load_config(CONFIGS / "shapeworld_stage1.toml", [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_a_file_is_an_error(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text((CONFIGS / "shapeworld_stage1.toml").read_text() + "\n[extra]\nx = 1\n")
+    with pytest.raises(ValueError, match=r"unknown config key 'extra'.*valid keys"):
+        load_config(f)
+    f.write_text("[run]\nsteps = 3\nlog_every = 2\n")
+    with pytest.raises(ValueError, match="'run.log_every'"):
+        load_config(f)
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.toml")
+    f.write_text("[run\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(f)
+
+
+def test_ratio_without_a_source_is_an_error():
+    with pytest.raises(ValueError, match="no data source has task = 'text'"):
+        load_config(CONFIGS / "shapeworld_stage1.toml", ["data.ratio=[1, 1, 1]",
+                                                          "data.micro_batch.text=2"])
+
+
+def test_lr_schedule_warmup_then_cosine_to_zero():
+    cfg = OptimConfig()
+    total = 1000
+    assert lr_factor(0, total, cfg) == pytest.approx(1e-5)  # warm-up from 1e-5 x LR, 1% of steps
+    assert lr_factor(5, total, cfg) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)
+    assert lr_factor(10, total, cfg) == pytest.approx(1.0)
+    mid = 10 + (total - 10) // 2
+    assert lr_factor(mid, total, cfg) == pytest.approx(0.5, abs=1e-3)
+    assert lr_factor(total, total, cfg) == pytest.approx(0.0, abs=1e-9)
+    values = [lr_factor(s, total, cfg) for s in range(10, total)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_param_groups_decay_rule_and_module_groups():
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = HarmonModel(tiny())
+    names = dict(model.named_parameters())
+    assert {group_of(n) for n in names} == {*GROUPS, None}
+    assert group_of("vae.encoder.conv_in.weight") is None and group_of("mar.class_emb.weight") is None
+    assert group_of("mar.diffloss.net.input_proj.weight") == "head"
+    assert group_of("mar.mask_token") == "mar_decoder" and group_of("mar.fake_latent") == "mar_encoder"
+    cfg = OptimConfig()
+    counts = set_trainable(model, ["llm"])
+    assert counts["llm"] == 0 and counts["head"] > 0
+    assert not any(p.requires_grad for n, p in names.items() if n.startswith(("vae.", "llm.")))
+    groups = param_groups(model, cfg)
+    by_name = {g["name"]: g for g in groups}
+    assert not any(n.startswith("llm") for n in by_name)
+    assert by_name["head_no_decay"]["weight_decay"] == 0.0 and "head" not in by_name
+    assert by_name["mar_decoder"]["lr"] == 1e-4 and by_name["mar_encoder"]["lr"] == 1e-5
+    assert by_name["connectors"]["lr"] == 1e-4
+    ids = {id(p): n for n, p in names.items()}
+    for g in groups:
+        for p in g["params"]:
+            n = ids[id(p)]
+            decays = g["weight_decay"] > 0
+            assert decays == (p.ndim >= 2 and not n.endswith(".bias") and "diffloss" not in n), n
+    # position tables and mask_token decay (training.md §4 note)
+    decayed = {ids[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert "mar.encoder_pos_embed_learned" in decayed and "mar.mask_token" in decayed
+    set_trainable(model, list(GROUPS))
+    with pytest.raises(ValueError, match="nothing to train"):
+        param_groups(model, cfg)

@@ -1,0 +1,188 @@
+"""harmon.train.engine on a tiny model, CPU: losses fall, freezing, exact resume (also after kill -9),
+NaN handling, bad input, gradient checkpointing, bf16, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harmon.train.config import dump_toml, load_config
+from harmon.train.engine import LossModule, Trainer, TrainingError
+from harmon.train.optim import group_of
+from train_helpers import tiny_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models run as fast on one thread, and a busy 2-core machine makes 2 OpenMP threads crawl
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def losses(out_dir) -> dict[int, float]:
+    recs = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+@pytest.mark.parametrize("task", ["t2i", "i2t", "text"])
+def test_each_loss_falls_on_a_tiny_model(tmp_path, task):
+    ratio = tuple(int(t == task) for t in ("text", "i2t", "t2i"))
+    cfg = tiny_config(tmp_path, ratio=ratio, micro=4, steps=24, model={"dropout": 0.0},
+                      optim={"schedule": "constant"})
+    recs = Trainer(cfg).train()
+    seq = [r[f"loss_{task}"] for r in recs]
+    assert len(seq) == 24 and all(map(lambda v: v == v, seq))
+    first, last = sorted(seq[:6])[3], sorted(seq[-6:])[3]  # medians: t2i losses are spiky
+    assert last < 0.75 * first, (task, seq)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradients_reach_exactly_the_modules_a_stage_trains(tmp_path, stage):
+    frozen = load_config(CONFIGS / f"shapeworld_stage{stage}.toml").optim.frozen
+    cfg = tiny_config(tmp_path, ratio=(1, 1, 1), micro=1, steps=1, optim={"frozen": frozen})
+    tr = Trainer(cfg)
+    with torch.no_grad():  # a fresh head's zero output layers would block gradients upstream
+        for p in tr.model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    it = iter(tr.loader)
+    for j in range(tr.accum):  # one text, one i2t, one t2i micro-batch
+        tr.micro_step(next(it), j, last=j == tr.accum - 1)
+    trained = {"mar_encoder", "mar_decoder", "head", "connectors", "llm"} - set(frozen)
+    for n, p in tr.model.named_parameters():
+        if group_of(n) in trained:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None and not p.requires_grad, n
+    tr.optimizer.step()
+    for n, p in tr.model.named_parameters():
+        assert torch.equal(p, before[n]) == (group_of(n) not in trained), n
+    tr.dist.close()
+
+
+class CrashAfter(Trainer):
+    """Dies (like a kill) right after writing the checkpoint of step ``crash_step``."""
+
+    crash_step = 4
+
+    def save(self):
+        path = super().save()
+        if self.step == self.crash_step:
+            raise KeyboardInterrupt("simulated crash")
+        return path
+
+
+def test_resume_is_exact_with_ema(tmp_path):
+    kw = dict(ratio=(1, 1, 1), micro=2, steps=6, run={"save_interval": 2, "ema": 0.9},
+              model={"dropout": 0.1})
+    ref = Trainer(tiny_config(tmp_path / "ref", **kw))
+    ref.train()
+    with pytest.raises(KeyboardInterrupt):
+        CrashAfter(tiny_config(tmp_path / "crash", **kw)).train()
+    assert sorted(p.name for p in (tmp_path / "crash/checkpoints").iterdir()) == [
+        "step_0000002", "step_0000004"]
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer(tiny_config(tmp_path / "crash", **kw))
+    resumed = Trainer(tiny_config(tmp_path / "crash", **kw), resume=True)
+    assert resumed.step == 4
+    resumed.train()
+    assert losses(tmp_path / "crash") == losses(tmp_path / "ref")
+    for name in ("model", "ema"):
+        a = load_file(str(tmp_path / f"ref/checkpoints/step_0000006/{name}.safetensors"))
+        b = load_file(str(tmp_path / f"crash/checkpoints/step_0000006/{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert not any(k.startswith("vae.") for k in a)  # the VAE is never in checkpoints
+    state = json.loads((tmp_path / "crash/checkpoints/step_0000006/state.json").read_text())
+    assert state["next_G"] == 6 * 3 and state["samples_seen"] == {"text": 12, "i2t": 12, "t2i": 12}
+
+
+def test_kill_9_then_resume_replays_the_same_losses(tmp_path):
+    kw = dict(ratio=(0, 1, 1), micro=2, steps=8, run={"save_interval": 2})
+    Trainer(tiny_config(tmp_path / "ref", **kw)).train()
+    cfg = tiny_config(tmp_path / "run", **kw)
+    toml = tmp_path / "run.toml"
+    toml.write_text(dump_toml(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "harmon.train", str(toml)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
+    ckpt = tmp_path / "run/checkpoints/step_0000004"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    err = proc.stderr.read().decode()
+    assert ckpt.exists() and proc.returncode == -signal.SIGKILL, err
+    done = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
+    assert done[-1] != "step_0000008", "the run finished before it could be killed"
+    Trainer(cfg, resume=True).train()
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward = LossModule.forward
+
+    def poisoned(self, batch, draws):
+        loss = forward(self, batch, draws)
+        return loss * float("nan") if batch["G"] >= 6 else loss  # step 4 (2 micro-batches a step)
+
+    monkeypatch.setattr(LossModule, "forward", poisoned)
+    cfg = tiny_config(tmp_path, steps=6, run={"save_interval": 2})
+    with pytest.raises(TrainingError, match=r"non-finite loss.*step 4.*step_0000002"):
+        Trainer(cfg).train()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]
+    assert sorted(losses(tmp_path)) == [1, 2, 3]
+
+
+def test_bad_paths_fail_before_training(tmp_path):
+    cfg = tiny_config(tmp_path, overrides=[
+        f"data.sources.0.kind=jsonl", f"data.sources.0.path={tmp_path / 'missing.jsonl'}"])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        Trainer(cfg)
+    cfg = tiny_config(tmp_path, model={"init": str(tmp_path / "no_model")})
+    with pytest.raises(FileNotFoundError, match="no_model"):
+        Trainer(cfg)
+
+
+def test_grad_checkpointing_changes_nothing_and_bf16_runs(tmp_path):
+    kw = dict(ratio=(1, 1, 1), micro=2, steps=2)
+    a = Trainer(tiny_config(tmp_path / "a", **kw)).train()
+    b = Trainer(tiny_config(tmp_path / "b", run={"grad_checkpointing": True}, **kw)).train()
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    wa = load_file(str(tmp_path / "a/checkpoints/step_0000002/model.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/step_0000002/model.safetensors"))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    kw["steps"] = 1  # bf16 autocast on CPU: slow, only checked to run and agree roughly
+    c = Trainer(tiny_config(tmp_path / "c", run={"precision": "bf16"}, **kw)).train()
+    assert abs(c[0]["loss"] - a[0]["loss"]) < 0.1 * a[0]["loss"]
+
+
+def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
+    cfg = tiny_config(tmp_path, steps=1, run={"export_final": True, "sample_interval": 1,
+                                              "sample_steps": 2, "sample_prompts": ["a red circle"],
+                                              "judge_images": 2})
+    Trainer(cfg).train()
+    from harmon import Harmon
+
+    model = Harmon.from_pretrained(tmp_path / "final", device="cpu")
+    img = model.generate("a red circle", steps=2, size=64, seed=0)[0]
+    assert img.size == (64, 64)
+    assert (tmp_path / "samples/step_0000001.png").is_file()
+    judged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "judge_overall" in x]
+    assert len(judged) == 1 and 0.0 <= judged[0]["judge_overall"] <= 1.0
