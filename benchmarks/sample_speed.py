@@ -1,12 +1,13 @@
-"""Text-to-image sampling speed: seconds per image and images/s, with a time breakdown.
+"""Text-to-image sampling speed, reference vs fast engine, measured side by side.
 
-Random weights of a preset's shapes (speed does not depend on the values), reference sampling
-algorithm, K steps with guidance. For every (preset, size, batch) it times one warm-up-free run
-after a short warm-up at a small step count, and splits the time between the LLM, the MAR
-encoder, the MAR decoder, the diffusion head and the VAE decoder.
+Random weights of a preset's shapes (speed does not depend on the values), K steps with
+guidance. For every (preset, size, batch) the same model runs each mode once after a short
+warm-up; the table gives seconds per image, images/s, peak memory, the time split between the
+LLM, the MAR encoder, the MAR decoder, the diffusion head and the VAE decoder, and the speed-up
+over the reference measured in the same run. Both modes give the same tokens for the seed.
 
     python benchmarks/sample_speed.py                       # tiny and 0.5B at 256 and 512 px
-    python benchmarks/sample_speed.py --presets tiny --sizes 256 --batches 1 8
+    python benchmarks/sample_speed.py --presets tiny --sizes 256 --batches 1 8 --modes reference fast fast+compile
 """
 
 from __future__ import annotations
@@ -49,8 +50,7 @@ class Timer:
             self._sync()
             self.totals[name] += time.perf_counter() - self._start[name]
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
     @contextmanager
     def span(self, name: str):
@@ -61,12 +61,14 @@ class Timer:
         self.totals[name] += time.perf_counter() - t0
 
 
-def instrument(model: Harmon, timer: Timer) -> None:
+def instrument(model: Harmon, timer: Timer):
+    """Time the components; returns a function that removes the instrumentation."""
     m = model.model
-    timer.attach("llm", m.llm.model)
-    timer.attach("vae_decoder", m.vae.decoder)
+    handles = timer.attach("llm", m.llm.model) + timer.attach("vae_decoder", m.vae.decoder)
     original_encode, original_decode = m.mar.encode, m.mar.decode
     original_sample = m.mar.diffloss.sample
+    fast_heads = list(model._fast_heads.values())
+    original_fast = [h.sample for h in fast_heads]
 
     def encode(*a, **k):
         with timer.span("mar_encoder"):
@@ -81,6 +83,19 @@ def instrument(model: Harmon, timer: Timer) -> None:
             return original_sample(*a, **k)
 
     m.mar.encode, m.mar.decode, m.mar.diffloss.sample = encode, decode, sample
+    for h, orig in zip(fast_heads, original_fast):
+        def fast_sample(*a, _orig=orig, **k):
+            with timer.span("diffusion_head"):
+                return _orig(*a, **k)
+        h.sample = fast_sample
+
+    def restore():
+        for h in handles:
+            h.remove()
+        del m.mar.encode, m.mar.decode, m.mar.diffloss.sample
+        for h in fast_heads:
+            del h.sample
+    return restore
 
 
 def peak_memory(device: torch.device) -> float:
@@ -92,21 +107,26 @@ def peak_memory(device: torch.device) -> float:
     return float("nan")
 
 
-def bench(name: str, size: int, batch: int, steps: int, device, dtype) -> dict:
-    model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
-                   byte_level_tokenizer(), name=name, trained=False)
+MODES = {"reference": dict(mode="reference"), "fast": dict(mode="fast"),
+         "fast+compile": dict(mode="fast", compile=True)}
+
+
+def bench(model: Harmon, name: str, size: int, batch: int, steps: int, mode: str, device,
+          dtype) -> dict:
     prompts = [f"a red circle number {i}" for i in range(batch)]
-    model.generate(prompts[:1], size=size, steps=2, seed=0)  # warm-up (allocations, kernels)
+    kw = MODES[mode]
+    model.generate(prompts, size=size, steps=2, seed=0, **kw)  # warm-up (allocations, compile)
     timer = Timer(device)
-    instrument(model, timer)
+    restore = instrument(model, timer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model.generate(prompts, size=size, steps=steps, seed=0)
+    model.generate(prompts, size=size, steps=steps, seed=0, **kw)
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
-    return {"preset": name, "size": size, "batch": batch, "steps": steps, "mode": "reference",
+    restore()
+    return {"preset": name, "size": size, "batch": batch, "steps": steps, "mode": mode,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "seconds": total, "s_per_image": total / batch, "images_per_s": batch / total,
             "peak_memory_GiB": peak_memory(device),
@@ -119,6 +139,7 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
     ap.add_argument("--batches", nargs="+", type=int, default=[1])
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=list(MODES))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
     ap.add_argument("--json", default=str(HERE / "results" / "sample_speed.json"))
@@ -128,17 +149,25 @@ def main() -> None:
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     torch.set_grad_enabled(False)
     rows = []
-    header = (f"{'preset':<13}{'size':>5}{'batch':>6}{'steps':>6}{'s/image':>9}{'img/s':>8}"
-              f"{'peak GiB':>9}  breakdown (s)")
+    header = (f"{'preset':<13}{'size':>5}{'batch':>6}{'mode':>14}{'s/image':>9}{'img/s':>8}"
+              f"{'peak GiB':>9}{'speed-up':>9}  breakdown (s)")
     print(header)
     for name in args.presets:
+        model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
+                       byte_level_tokenizer(), name=name, trained=False)
         for size in args.sizes:
             for batch in args.batches:
-                r = bench(name, size, batch, args.steps, device, dtype)
-                rows.append(r)
-                parts = " ".join(f"{k}={v:.2f}" for k, v in r["breakdown_s"].items())
-                print(f"{name:<13}{size:>5}{batch:>6}{args.steps:>6}{r['s_per_image']:>9.2f}"
-                      f"{r['images_per_s']:>8.3f}{r['peak_memory_GiB']:>9.2f}  {parts}", flush=True)
+                base = None
+                for mode in args.modes:
+                    r = bench(model, name, size, batch, args.steps, mode, device, dtype)
+                    base = base or (r["s_per_image"] if mode == "reference" else None)
+                    r["speedup_vs_reference"] = base / r["s_per_image"] if base else None
+                    rows.append(r)
+                    parts = " ".join(f"{k}={v:.2f}" for k, v in r["breakdown_s"].items())
+                    up = f"{r['speedup_vs_reference']:.2f}x" if base else "-"
+                    print(f"{name:<13}{size:>5}{batch:>6}{mode:>14}{r['s_per_image']:>9.2f}"
+                          f"{r['images_per_s']:>8.3f}{r['peak_memory_GiB']:>9.2f}{up:>9}  {parts}",
+                          flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,

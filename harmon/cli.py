@@ -75,8 +75,8 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     images = model.generate(args.prompts, num_images_per_prompt=args.num_images, size=size,
                             steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature, seed=args.seed,
-                            on_step=lambda info: bar.update(1))
+                            temperature=args.temperature, seed=args.seed, mode=args.mode,
+                            head_steps=args.head_steps, on_step=lambda info: bar.update(1))
     bar.close()
     for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     g.add_argument("--steps", type=int, default=64, help="masked-generation steps K")
     g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--mode", default="fast", choices=["fast", "reference"],
+                   help="fast (default; the reference's tokens up to float rounding) or reference")
+    g.add_argument("--head-steps", type=int, default=None,
+                   help="diffusion-head steps (default 100; fewer is faster and approximate)")
     g.add_argument("--size", default=None, help="S or HxW, multiples of 16 (default: model's)")
     g.add_argument("-o", "--output", default="harmon.png", help="image file or directory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -179,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_commands(sub) -> None:
     """Commands whose modules live in sub-packages (data, eval, train, web)."""
     from .data.export import add_export_command
+    from .eval.model_eval import add_eval_model_command
     from .eval.shapes_cli import add_eval_shapes_command
     from .train.cli import add_train_command
+    from .train.bpe import add_train_tokenizer_command
     from .train.vae import add_train_vae_command
     from .web.server import add_serve_command
 
@@ -190,8 +196,10 @@ def _add_optional_commands(sub) -> None:
     ev = sub.add_parser("eval", help="score models").add_subparsers(dest="eval_command",
                                                                      required=True)
     add_eval_shapes_command(ev)
+    add_eval_model_command(ev)
     add_train_command(sub)
     add_train_vae_command(sub)
+    add_train_tokenizer_command(sub)
     add_serve_command(sub)
 
 

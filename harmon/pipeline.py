@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -85,7 +84,7 @@ class Harmon:
         self.tokenizer = tokenizer
         self.name = name
         self.trained = trained
-        self._fast_heads: dict[bool, FastHeadSampler] = {}
+        self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
     # ---- loading and saving ----------------------------------------------------------------
 
@@ -185,8 +184,8 @@ class Harmon:
                  cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
-                 output: str = "pil", mode: str = "fast",
-                 compile: bool = False) -> list[Image.Image] | torch.Tensor:
+                 output: str = "pil", mode: str = "fast", compile: bool = False,
+                 head_steps: int | None = None) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
         Args:
@@ -200,6 +199,8 @@ class Harmon:
             mode: "fast" (default: the same tokens as the reference up to float rounding, with
                 less work per step) or "reference" (the reference algorithm, op for op).
             compile: with mode "fast", compile the head's reverse step (``torch.compile``).
+            head_steps: with mode "fast", the diffusion head's reverse steps (default: the
+                model's 100). Fewer steps are faster and approximate (not the reference's output).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -214,6 +215,9 @@ class Harmon:
             raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
         if mode not in ("fast", "reference"):
             raise ValueError(f"mode must be 'fast' or 'reference', got {mode!r}")
+        if head_steps is not None and (mode != "fast" or not 1 <= head_steps <= 1000):
+            raise ValueError(f"head_steps={head_steps!r} needs mode='fast' and 1 <= head_steps "
+                             "<= 1000")
         size = size or self.cfg.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         grid = self.model.grid_for(h, w)
@@ -221,9 +225,11 @@ class Harmon:
         draws = TorchDraws(self._generator(seed, generator))
         head = None
         if mode == "fast":
-            if compile not in self._fast_heads:
-                self._fast_heads[compile] = FastHeadSampler(self.model.mar.diffloss, compile)
-            head = self._fast_heads[compile]
+            key = (compile, head_steps)
+            if key not in self._fast_heads:
+                self._fast_heads[key] = FastHeadSampler(self.model.mar.diffloss, compile,
+                                                        head_steps)
+            head = self._fast_heads[key]
             self.model.mar.pos_cache = {}  # position tables resized once per call
         try:
             tokens = sample_tokens(self.model, ids, mask, grid, draws, num_iter=steps, cfg=cfg,
@@ -296,8 +302,3 @@ class Harmon:
         i = self.info()
         return (f"Harmon({i['name']!r}, device={i['device']}, dtype={i['dtype']}, "
                 f"params={i['total_parameters'] / 1e6:.1f}M)")
-
-
-def warn_if_untrained(model: Harmon) -> None:
-    if not model.trained:
-        warnings.warn(f"{model.name}: the weights are random, so outputs are noise", stacklevel=2)

@@ -8,7 +8,6 @@ tokenizer loaded from a local ``tokenizer.json`` (the official Qwen2.5 one, or t
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -124,8 +123,3 @@ def byte_level_tokenizer() -> HarmonTokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     return HarmonTokenizer(tok)
-
-
-def read_tokenizer_config(path: Path) -> dict:
-    f = Path(path) / "tokenizer_config.json"
-    return json.loads(f.read_text()) if f.is_file() else {}

@@ -65,3 +65,14 @@ def test_compiled_head_matches(tiny_harmon):
 def test_bad_mode(tiny_harmon):
     with pytest.raises(ValueError, match="mode must be"):
         tiny_harmon.generate("a", mode="turbo")
+
+
+def test_fewer_head_steps_is_an_option_of_the_fast_mode(tiny_harmon):
+    a = tiny_harmon.generate("a", steps=3, seed=0, head_steps=25, output="uint8")
+    assert a.shape == (1, 64, 64, 3)
+    assert ("compile", 25) not in tiny_harmon._fast_heads and (False, 25) in tiny_harmon._fast_heads
+    assert tiny_harmon._fast_heads[(False, 25)].diffusion.num_timesteps == 25
+    with pytest.raises(ValueError, match="head_steps"):
+        tiny_harmon.generate("a", head_steps=10, mode="reference")
+    with pytest.raises(ValueError, match="head_steps"):
+        tiny_harmon.generate("a", head_steps=0)

@@ -151,7 +151,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_bad_paths_fail_before_training(tmp_path):
     cfg = tiny_config(tmp_path, overrides=[
-        f"data.sources.0.kind=jsonl", f"data.sources.0.path={tmp_path / 'missing.jsonl'}"])
+        "data.sources.0.kind=jsonl", f"data.sources.0.path={tmp_path / 'missing.jsonl'}"])
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         Trainer(cfg)
     cfg = tiny_config(tmp_path, model={"init": str(tmp_path / "no_model")})

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..configs import HarmonConfig
-from .llm import PromptCache, build_llm, positions_from_mask, run_body, tie_output_embedding
+from .llm import PromptCache, build_llm, positions_from_mask, run_body
 from .mar import MAR
 from .vae import AutoencoderKL
 

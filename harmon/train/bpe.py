@@ -44,3 +44,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512) -> HarmonTokenizer:
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
     return HarmonTokenizer(tok)
+
+
+def add_train_tokenizer_command(subparsers) -> None:
+    p = subparsers.add_parser("train-tokenizer", help="train a small BPE tokenizer on ShapeWorld")
+    p.add_argument("--out", required=True, help="directory to write tokenizer.json to")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--scenes", type=int, default=4000, help="ShapeWorld scenes to read texts from")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_train_tokenizer)
+
+
+def _cmd_train_tokenizer(args) -> int:
+    tok = train_bpe(shapeworld_texts(args.scenes, args.seed), args.vocab_size)
+    tok.save(args.out)
+    print(f"wrote {args.out}/tokenizer.json ({tok.vocab_size} ids)")
+    return 0

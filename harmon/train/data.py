@@ -540,10 +540,14 @@ class MicroBatches(torch.utils.data.Dataset):
     - text: ``input_ids``, ``attention_mask``, ``labels``
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer: HarmonTokenizer, seed: int):
+    def __init__(self, cfg: DataConfig, tokenizer: HarmonTokenizer, seed: int,
+                 vae_stride: int = 16, num_buffers: int = 64):
         self.cfg, self.tok, self.seed = cfg, tokenizer, seed
         self.schedule = Schedule(list(cfg.ratio), {t: getattr(cfg.micro_batch, t) for t in TASKS})
-        self.image_length = (cfg.image_size // 16) ** 2 + 64  # N + 64 buffers
+        if cfg.image_size % vae_stride:
+            raise ValueError(f"data.image_size={cfg.image_size} is not a multiple of the VAE "
+                             f"stride {vae_stride}")
+        self.image_length = (cfg.image_size // vae_stride) ** 2 + num_buffers  # N + buffers
         self.tasks: dict[str, TaskStream] = {}
         for ti, task in enumerate(TASKS):
             scs = [s for s in cfg.sources if s.task == task]
@@ -660,7 +664,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def _collate_t2i(self, items: list[dict]) -> dict:
         rows = [it["input_ids"] for it in items]
-        n_img = (self.cfg.image_size // 16) ** 2 + 64
+        n_img = self.image_length
         return {"pixel_values": torch.stack([it["pixel_values"] for it in items]),
                 "input_ids": self._pad(rows, self.tok.pad_id), "attention_mask": self._mask(rows),
                 "tokens": sum(len(r) for r in rows) + n_img * len(rows)}

@@ -228,7 +228,8 @@ class Trainer:
 
         # data: the micro-batches this rank reads, from the current step on
         self.accum = cfg.grad_accum
-        self.dataset = MicroBatches(cfg.data, self.tokenizer, run.seed)
+        self.dataset = MicroBatches(cfg.data, self.tokenizer, run.seed,
+                                    self.model.cfg.mar.vae_stride, self.model.cfg.mar.buffer_size)
         self.sampler = RankSampler(self.G0, max(0, run.steps - self.step), d.rank, d.world,
                                    self.accum)
         self.loader = torch.utils.data.DataLoader(

@@ -44,6 +44,7 @@ class VAETrainConfig:
     data_seed: int = 1  # ShapeWorld seed
     log_every: int = 50
     save_every: int = 500
+    stop_at: int = 0  # stop (and export) at this step of the schedule; 0 = run all steps
     threads: int = 0  # torch threads (0: leave torch's default)
 
 
@@ -109,7 +110,8 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
     metrics = (out / "metrics.jsonl").open("a")
     t0 = time.perf_counter()
     model.train()
-    for step in range(start, cfg.steps):
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    for step in range(start, end):
         x = shapeworld_batch(world, step * cfg.batch_size, cfg.batch_size)
         x = random_crops(x, cfg.crop, cfg.vae.stride, gen)
         moments = model.encode_moments(x)
@@ -127,15 +129,15 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             rec = {"step": step + 1, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
                    "psnr": psnr(recon.detach(), x), "lr": _lr(cfg, step),
                    "s_per_step": (time.perf_counter() - t0) / (step + 1 - start)}
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
-            log(f"step {rec['step']}/{cfg.steps} loss {rec['loss']:.4f} psnr {rec['psnr']:.1f} dB "
+            log(f"step {rec['step']}/{end} loss {rec['loss']:.4f} psnr {rec['psnr']:.1f} dB "
                 f"({rec['s_per_step']:.2f} s/step)")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.save_every == 0 or step + 1 == end:
             tmp = out / "train_state.pt.tmp"
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         "generator": gen.get_state(), "step": step + 1}, tmp)
@@ -189,16 +191,26 @@ def add_train_vae_command(subparsers) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--ch", type=int, default=d.vae.ch, help="base width")
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--crop", type=int, default=d.crop, help="crop side (0: whole images)")
+    p.add_argument("--stop-at", type=int, default=0, help="stop at this step of the schedule")
+    p.add_argument("--preset", default="shapeworld", help="preset whose VAE architecture to train")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--data-seed", type=int, default=d.data_seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
     p.set_defaults(func=_cmd_train_vae)
 
 
 def _cmd_train_vae(args) -> int:
-    vae = VAEConfig(ch=args.ch, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
-                    encoder_attn_resolutions=(args.size // 8,), resolution=args.size)
+    from ..configs import preset
+
+    vae = preset(args.preset).vae
     cfg = VAETrainConfig(out_dir=args.out, size=args.size, vae=vae, steps=args.steps,
-                         batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+                         batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                         crop=args.crop, stop_at=args.stop_at, seed=args.seed,
+                         data_seed=args.data_seed)
+    if not args.resume and (Path(args.out) / "train_state.pt").is_file():
+        raise ValueError(f"{args.out} already holds a VAE run; pass --resume to continue it or "
+                         "choose another --out")
     train_vae(cfg, resume=args.resume)
     return 0

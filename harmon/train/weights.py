@@ -81,7 +81,19 @@ def load_mar(model: HarmonModel, path: str) -> None:
 
 
 def load_vae(model: HarmonModel, path: str) -> None:
-    """KL-16 weights (a ``kl16.ckpt`` with its ``model`` entry, or tensors under ``vae.``)."""
+    """KL-16 weights (a ``kl16.ckpt`` with its ``model`` entry, or tensors under ``vae.``), or a
+    directory written by ``harmon train-vae``, whose measured latent scale replaces the model's."""
+    p = Path(path)
+    if p.is_dir() and (p / "vae_config.json").is_file():
+        from .vae import load_vae as load_trained_vae
+
+        vae, vae_cfg, scale = load_trained_vae(p)
+        if vae_cfg != model.cfg.vae:
+            raise checkpoints.CheckpointError(f"the VAE in {p} ({vae_cfg}) is not the architecture "
+                                              f"of the {model.cfg.name} preset ({model.cfg.vae})")
+        _load_part(model.vae, vae.state_dict(), "VAE", path)
+        model.cfg.vae_scale = scale
+        return
     sd = checkpoints.read_state_dict(path)
     if any(k.startswith("vae.") for k in sd):
         sd = {k[len("vae."):]: v for k, v in sd.items() if k.startswith("vae.")}
