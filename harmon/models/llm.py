@@ -8,10 +8,17 @@ than relying on a cache class's cropping semantics (which changed between transf
 
 from __future__ import annotations
 
+import inspect
+
 import torch
-from transformers import DynamicCache, Qwen2ForCausalLM
+from transformers import DynamicCache, Qwen2ForCausalLM, Qwen2Model
 
 from ..configs import LLMConfig
+
+# transformers renamed the cache argument of the decoder's forward from ``past_key_values`` to
+# ``cache`` (5.2x; the old name warns, then goes away); pass whichever this install takes.
+_CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters \
+    else "past_key_values"
 
 
 def build_llm(cfg: LLMConfig) -> Qwen2ForCausalLM:
@@ -50,7 +57,7 @@ def run_body(llm: Qwen2ForCausalLM, inputs_embeds: torch.Tensor,
         (B, T, H) final-normed hidden states.
     """
     out = llm.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    position_ids=position_ids, past_key_values=cache, use_cache=cache is not None)
+                    position_ids=position_ids, use_cache=cache is not None, **{_CACHE_KWARG: cache})
     return out.last_hidden_state
 
 
