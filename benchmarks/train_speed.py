@@ -53,6 +53,7 @@ def run_one(shape: str, stage: int, steps: int, warmup: int, micro: int, device:
                     "export_final": False}})
         t0 = time.time()
         tr = Trainer(cfg)
+        tr.model.train()  # what Trainer.train() does first: dropout and checkpointing engage
         build_s = time.time() - t0
         it = iter(tr.loader)
         times, tokens = [], []

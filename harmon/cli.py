@@ -207,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, TypeError) as e:
         # user errors: one clear line, no traceback
         print(f"harmon: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a missing file, a folder where a file was expected, no permission...
+        where = f": {e.filename!r}" if getattr(e, "filename", None) else ""
+        print(f"harmon: error: {e.strerror or e}{where}" if e.strerror else f"harmon: error: {e}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

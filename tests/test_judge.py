@@ -271,8 +271,9 @@ def test_image_inputs():
 def test_corrupt_image_files(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"definitely not a png")
-    with pytest.raises(ImageLoadError, match="bad.png"):
+    with pytest.raises(ImageLoadError, match="bad.png") as e:
         load_image(bad)
+    assert "not an image file" in str(e.value) and "BytesIO" not in str(e.value)
     buf = io.BytesIO()
     ShapeWorld(size=64).sample(0).render().save(buf, format="PNG")
     trunc = tmp_path / "truncated.png"
@@ -416,3 +417,26 @@ def test_benchmark_script_runs(tmp_path, capsys):
     assert "images/s" in capsys.readouterr().out
     assert json.loads((tmp_path / "speed.json").read_text())["results"][0]["size"] == 64
     assert result["results"][0]["generate_images_per_s"] > 0
+
+
+def test_infeasible_metadata_is_refused_with_its_line(tmp_path):
+    from harmon.eval.prompts import read_metadata_jsonl
+
+    f = tmp_path / "meta.jsonl"
+    f.write_text(json.dumps({"tag": "counting", "prompt": "a circle",
+                             "include": [{"class": "circle", "count": 1}]}) + "\n"
+                 + json.dumps({"tag": "counting", "prompt": "five circles",
+                               "include": [{"class": "circle", "count": 5}]}) + "\n")
+    with pytest.raises(ValueError, match=r"meta.jsonl:2: .*at most 4"):
+        read_metadata_jsonl(f)
+
+
+def test_summary_of_heldout_only_results_is_valid_json():
+    from harmon.eval.judge import summarize
+    from harmon.eval.prompts import eval_prompts
+
+    specs = eval_prompts("heldout")[:3]
+    world = ShapeWorld(size=64, seed=0, holdout=False)
+    summary = summarize(judge_image(world.scene_for_spec(s, 0).render(), s) for s in specs)
+    assert summary["overall"] is None and summary["heldout"]["overall"] == 1.0
+    json.dumps(summary, allow_nan=False)

@@ -10,6 +10,7 @@ import math
 import re
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -349,7 +350,75 @@ def test_export_cli(tmp_path, capsys):
 def test_export_bad_arguments(tmp_path):
     parser = _export_parser()
     for argv, match in ((["-n", "0"], "number of samples"), (["--size", "32"], "size"),
-                        (["--shard-size", "0"], "shard size")):
-        args = parser.parse_args(["export", "--out", str(tmp_path), "--no-progress", *argv])
+                        (["--shard-size", "0"], "shard size"), (["--start", "-5"], "first scene"),
+                        (["--turns", "0"], "turns"), (["--seed", "-1"], "seed")):
+        out = tmp_path / "x"
+        args = parser.parse_args(["export", "--out", str(out), "--no-progress", *argv])
         with pytest.raises(ValueError, match=match):
             args.func(args)
+        assert not out.exists()  # checked before anything is written
+
+
+def test_export_never_overwrites_an_export_unless_asked(tmp_path, capsys):
+    from harmon.cli import main
+
+    out = tmp_path / "sw"
+    assert main(["data", "export", "--out", str(out), "-n", "2", "--size", "64", "--no-progress"]) == 0
+    before = (out / "t2i.jsonl").read_text()
+    assert main(["data", "export", "--out", str(out), "-n", "2", "--start", "5", "--size", "64",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds an export" in err and "--overwrite" in err and "Traceback" not in err
+    assert (out / "t2i.jsonl").read_text() == before  # nothing the user saved is lost
+    assert main(["data", "export", "--out", str(out), "-n", "2", "--start", "5", "--size", "64",
+                 "--no-progress", "--overwrite"]) == 0
+    assert json.loads((out / "t2i.jsonl").read_text().splitlines()[0])["index"] == 5
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    assert main(["data", "export", "--out", str(a_file), "-n", "1", "--no-progress"]) == 2
+    assert "not a folder" in capsys.readouterr().err and a_file.read_text() == "keep me"
+
+
+def test_exported_data_loads_through_the_training_sources(tmp_path):
+    from harmon.data.export import export
+    from harmon.train.data import JsonlSource, LlavaSource, WebDatasetSource
+
+    out = tmp_path / "sw"
+    export(out, 4, size=64, seed=3, shard_size=2, progress=False)
+    world = ShapeWorld(size=64, seed=3)
+    t2i = JsonlSource(str(out / "t2i.jsonl"))
+    item = t2i.item(1)
+    assert item["caption"] == world.t2i_item(1)["caption"] and Path(item["image"]).is_file()
+    llava = LlavaSource(str(out / "llava.json"))
+    assert llava.item(2)["conversations"] == world.vqa_item(2)["conversations"]
+    wds = WebDatasetSource(str(out / "shards"))
+    assert wds.num_items() == 4
+    assert wds.item(3)["caption"] == world.t2i_item(3)["caption"]
+
+
+def test_group_relations_hold_for_every_member_and_cycles_are_refused():
+    from harmon.eval.judge import judge_image
+
+    spec = PromptSpec("position", "a circle to the left of three squares",
+                      (ObjectReq("square", 3), ObjectReq("circle", 1, position=("left of", 0))))
+    world = ShapeWorld(size=128, seed=0)
+    assert all(judge_image(world.scene_for_spec(spec, i).render(), spec).correct for i in range(8))
+    # a chain: placed in dependency order whatever the include order
+    chain = PromptSpec("position", "a star above a circle left of a square",
+                       (ObjectReq("star", position=("above", 1)),
+                        ObjectReq("circle", position=("left of", 2)), ObjectReq("square")))
+    assert all(judge_image(world.scene_for_spec(chain, i).render(), chain).correct for i in range(4))
+    with pytest.raises(ValueError, match="cycle"):
+        PromptSpec("position", "a circle left of a square left of the circle",
+                   (ObjectReq("circle", position=("left of", 1)),
+                    ObjectReq("square", position=("left of", 0))))
+    with pytest.raises(ValueError, match="split"):
+        PromptSpec("colors", "a red circle", (ObjectReq("circle", color="red"),), split="train")
+
+
+def test_training_questions_never_name_a_heldout_pair():
+    world = ShapeWorld(size=64, seed=0)
+    named = {f"{c} {s}" for c, s in HELDOUT_PAIRS}
+    for i in range(400):
+        for q in world.sample(i).questions():
+            assert not any(n in q.question or n in q.answer for n in named), q

@@ -84,3 +84,19 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_matches(tmp_path, reference):
     assert (out / "samples/step_0000004.png").is_file()
     state = json.loads((out / "checkpoints/step_0000004/state.json").read_text())
     assert state["world_size"] == 2 and state["next_G"] == 4 * 4
+
+
+def test_fsdp_samples_with_the_ema_weights_and_exports_them(tmp_path):
+    out = tmp_path / "fsdp_ema"
+    cfg = tiny_config(out, overrides=["run.strategy=fsdp", "run.ema=0.9", "run.sample_interval=2",
+                                      "run.sample_steps=2", 'run.sample_prompts=["a red circle"]',
+                                      "run.export_final=true"],
+                      ratio=(0, 1, 1), micro=2, steps=2, run={"save_interval": 2})
+    torchrun(tmp_path, cfg)
+    assert (out / "samples/step_0000002.png").is_file()
+    ema = load_file(str(out / "checkpoints/step_0000002/ema.safetensors"))
+    final = load_file(str(out / "final/model.safetensors"))
+    model = weights(out, 2)
+    assert ema.keys() <= final.keys()
+    assert all(torch.equal(final[k], ema[k]) for k in ema)  # the export holds the EMA weights
+    assert any(not torch.equal(model[k], ema[k]) for k in ema)  # ... which differ from the model's

@@ -55,6 +55,7 @@ def test_gradients_reach_exactly_the_modules_a_stage_trains(tmp_path, stage):
     frozen = load_config(CONFIGS / f"shapeworld_stage{stage}.toml").optim.frozen
     cfg = tiny_config(tmp_path, ratio=(1, 1, 1), micro=1, steps=1, optim={"frozen": frozen})
     tr = Trainer(cfg)
+    tr.model.train()
     with torch.no_grad():  # a fresh head's zero output layers would block gradients upstream
         for p in tr.model.parameters():
             if not p.any():
@@ -72,6 +73,34 @@ def test_gradients_reach_exactly_the_modules_a_stage_trains(tmp_path, stage):
     tr.optimizer.step()
     for n, p in tr.model.named_parameters():
         assert torch.equal(p, before[n]) == (group_of(n) not in trained), n
+    tr.dist.close()
+
+
+# which parts each task's loss must reach (everything trainable, stage II), by parameter prefix
+REACHED = {
+    "t2i": ("mar.z_proj_ln", "mar.encoder_", "mar.decoder_", "mar.mask_token", "mar.diffloss.",
+            "proj_in.", "proj_out.", "llm.model."),
+    "i2t": ("mar.z_proj", "mar.encoder_", "proj_in.", "llm.model."),
+    "text": ("llm.model.",),
+}
+
+
+@pytest.mark.parametrize("task", ["text", "i2t", "t2i"])
+def test_each_task_reaches_exactly_its_own_path(tmp_path, task):
+    ratio = tuple(int(t == task) for t in ("text", "i2t", "t2i"))
+    tr = Trainer(tiny_config(tmp_path, ratio=ratio, micro=2, steps=1))
+    tr.model.train()
+    with torch.no_grad():  # a fresh head's zero output layers would block gradients upstream
+        for p in tr.model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    tr.micro_step(next(iter(tr.loader)), 0, last=True)
+    for n, p in tr.model.named_parameters():
+        if not p.requires_grad or n.startswith(("mar.fake_latent", "mar.z_proj.")) or "pos_embed" in n:
+            continue  # reached by t2i only when the drawn mask leaves some token visible
+        reached = p.grad is not None and bool(p.grad.abs().sum() > 0)
+        expected = n.startswith(REACHED[task])
+        assert reached == expected, (task, n, reached)
     tr.dist.close()
 
 
@@ -175,7 +204,7 @@ def test_grad_checkpointing_changes_nothing_and_bf16_runs(tmp_path):
 def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
     cfg = tiny_config(tmp_path, steps=1, run={"export_final": True, "sample_interval": 1,
                                               "sample_steps": 2, "sample_prompts": ["a red circle"],
-                                              "judge_images": 2})
+                                              "judge_images": 2, "vqa_images": 1})
     Trainer(cfg).train()
     from harmon import Harmon
 
@@ -186,3 +215,19 @@ def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
     judged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
               if "judge_overall" in x]
     assert len(judged) == 1 and 0.0 <= judged[0]["judge_overall"] <= 1.0
+    assert 0.0 <= judged[0]["vqa_overall"] <= 1.0 and "vqa_pope" in judged[0]
+
+
+def test_ema_warms_up_and_samples_use_the_ema_weights(tmp_path):
+    from harmon.train.engine import ema_decay
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1) and ema_decay(0.999, 10_000) == 0.999
+    assert all(ema_decay(0.999, s) <= ema_decay(0.999, s + 1) for s in range(50))
+    tr = Trainer(tiny_config(tmp_path / "run", steps=3, run={"ema": 0.99}))
+    tr.train()
+    trained = [p.detach().clone() for p in tr.params]
+    assert not all(torch.equal(p, e) for p, e in zip(trained, tr.ema))
+    with tr._inference():
+        assert all(torch.equal(p.detach(), e) for p, e in zip(tr.params, tr.ema))
+    assert all(torch.equal(p.detach(), t) for p, t in zip(tr.params, trained))
+    assert tr.model.training

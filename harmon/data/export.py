@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tarfile
 import time
@@ -39,13 +40,18 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> None
     tar.addfile(info, io.BytesIO(data))
 
 
+EXPORT_NAMES = ("images", "shards", "t2i.jsonl", "vqa.jsonl", "llava.json")  # what export writes
+
+
 def export(out_dir: str | Path, n: int, size: int = 128, seed: int = 0, start: int = 0, task: str = "both",
            fmt: str = "both", shard_size: int = 1000, progress: bool = True, holdout: bool = True,
-           turns: int = 1) -> dict[str, Any]:
+           turns: int = 1, overwrite: bool = False) -> dict[str, Any]:
     """Write scenes ``start .. start + n - 1`` of ``ShapeWorld(size, seed, holdout)``.
 
     Args:
-        out_dir: destination folder (created; existing files of the same names are overwritten).
+        out_dir: destination folder (created). A folder that already holds an export is refused
+            unless ``overwrite`` (shards are numbered from 0 and the JSONL files rewritten, so a
+            second export into it would replace the first).
         n: number of samples (>= 1).
         task: 't2i', 'vqa' or 'both'.
         fmt: 'files', 'wds' or 'both'.
@@ -66,8 +72,20 @@ def export(out_dir: str | Path, n: int, size: int = 128, seed: int = 0, start: i
         raise ValueError(f"unknown format {fmt!r}; expected 'files', 'wds' or 'both'")
     if shard_size < 1:
         raise ValueError(f"shard size must be >= 1, got {shard_size}")
-    world = ShapeWorld(size=size, seed=seed, holdout=holdout)
+    if start < 0:
+        raise ValueError(f"first scene index must be >= 0, got {start}")
+    if turns < 1:
+        raise ValueError(f"turns must be >= 1, got {turns}")
+    world = ShapeWorld(size=size, seed=seed, holdout=holdout)  # checks size and seed
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {str(out)!r} exists and is not a folder")
+    taken = [name for name in EXPORT_NAMES if (out / name).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"{str(out)!r} already holds an export ({', '.join(taken)}); choose another "
+                         "folder or pass --overwrite to replace it")
+    for name in taken:  # replace the old export whole: no stale images or shards stay behind
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
     do_t2i, do_vqa = task in ("t2i", "both"), task in ("vqa", "both")
     do_files, do_wds = fmt in ("files", "both"), fmt in ("wds", "both")
@@ -144,7 +162,7 @@ def run_export(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     res = export(args.out, args.num, size=args.size, seed=args.seed, start=args.start, task=args.task,
                  fmt=args.format, shard_size=args.shard_size, progress=not args.no_progress,
-                 holdout=not args.no_holdout, turns=args.turns)
+                 holdout=not args.no_holdout, turns=args.turns, overwrite=args.overwrite)
     rate = res["n"] / max(res["seconds"], 1e-9)
     print(f"exported {res['n']} ShapeWorld samples ({args.size} px, seed {args.seed}) to {res['out']} "
           f"in {res['seconds']:.1f} s ({rate:.0f} samples/s)", file=out)
@@ -158,7 +176,12 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export", help="write ShapeWorld samples in the training formats",
         description="Write N ShapeWorld samples as image files + JSONL (t2i.jsonl, vqa.jsonl, llava.json) "
-                    "and/or webdataset-style tar shards.")
+                    "and/or webdataset-style tar shards.",
+        epilog="examples:\n"
+               "  harmon data export --out data/sw -n 1000 --size 64\n"
+               "  harmon data export --out data/sw_vqa -n 50000 --task vqa --turns 2 --format wds\n"
+               "  harmon data export --out data/sw_eval -n 500 --seed 7 --no-holdout",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("-n", "--num", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels, 64..512 (default 128)")
@@ -170,6 +193,8 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=1, help="question-answer turns per VQA sample (default 1)")
     p.add_argument("--no-holdout", action="store_true",
                    help="also render the held-out colour-shape pairs (not for training data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an export already in the output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_export)
     return p

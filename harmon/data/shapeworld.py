@@ -202,11 +202,26 @@ class PromptSpec:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if not self.include:
             raise ValueError(f"spec {self.prompt!r} has an empty include list")
+        if self.split not in ("test", "heldout"):
+            raise ValueError(f"spec {self.prompt!r}: unknown split {self.split!r}; expected 'test' or "
+                             "'heldout'")
         for i, req in enumerate(self.include):
             if req.position is not None and not (0 <= req.position[1] < len(self.include)
                                                  and req.position[1] != i):
                 raise ValueError(f"spec {self.prompt!r}: include[{i}] position index {req.position[1]} "
                                  f"must name another include entry (0..{len(self.include) - 1})")
+        for i in range(len(self.include)):
+            # follow the references from i; coming back to i is a cycle no layout can start from
+            seen, k = [i], self.include[i].position
+            while k is not None:
+                j = k[1]
+                if j in seen:
+                    chain = " -> ".join(f"include[{m}]" for m in seen[seen.index(j):] + [j])
+                    raise ValueError(f"spec {self.prompt!r}: position references form a cycle "
+                                     f"({chain}); each position must refer to an object whose own "
+                                     "position does not lead back to it")
+                seen.append(j)
+                k = self.include[j].position
 
     @property
     def n_objects(self) -> int:
@@ -464,12 +479,14 @@ class Scene:
         if absent_shapes:
             qa.append(QA(exists(present_shapes[rng.integers(len(present_shapes))]), "yes", "pope", "random"))
             qa.append(QA(exists(absent_shapes[rng.integers(len(absent_shapes))]), "no", "pope", "random"))
+        # Negatives never name a held-out pair: training text must not mention them either.
+        excluded = set(present_pairs) | set(HELDOUT_PAIRS)
         # POPE popular: an absent pair with a present colour.
-        pop = [(c, s) for c in present_colors for s in SHAPE_NAMES if (c, s) not in present_pairs]
+        pop = [(c, s) for c in present_colors for s in SHAPE_NAMES if (c, s) not in excluded]
         # POPE adversarial: swap bindings between present objects, else recolour a present shape.
-        adv = [(c, s) for c in present_colors for s in present_shapes if (c, s) not in present_pairs]
+        adv = [(c, s) for c in present_colors for s in present_shapes if (c, s) not in excluded]
         if not adv:
-            adv = [(c, s) for c in COLOR_NAMES for s in present_shapes if (c, s) not in present_pairs]
+            adv = [(c, s) for c in COLOR_NAMES for s in present_shapes if (c, s) not in excluded]
         for split, negatives in (("popular", pop), ("adversarial", adv)):
             if negatives:
                 c, s = present_pairs[rng.integers(len(present_pairs))]
@@ -581,6 +598,8 @@ class ShapeWorld:
 
     def __post_init__(self):
         self.size = check_size(self.size)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"world seed must be an int >= 0, got {self.seed!r}")
         self.kind_weights = _check_weights(self.kind_weights, list(DEFAULT_KIND_WEIGHTS), "scene kind")
         if not 0 <= self.textured_prob <= 1 or not 0 <= self.relation_prob <= 1:
             raise ValueError("textured_prob and relation_prob must lie in [0, 1]")
@@ -678,8 +697,10 @@ class ShapeWorld:
             first.append(len(items))
             for _ in range(req.count):
                 items.append((req.shape, req.color or self._color(rng, req.shape)))
-        constraints = [(first[i], req.position[0], first[req.position[1]])
-                       for i, req in enumerate(spec.include) if req.position is not None]
+        # the judge wants every object of a group in the relation to every object of the other
+        constraints = [(first[i] + a, req.position[0], first[req.position[1]] + b)
+                       for i, req in enumerate(spec.include) if req.position is not None
+                       for a in range(req.count) for b in range(spec.include[req.position[1]].count)]
         return self._finish(rng, items, constraints, "spec", -1)
 
     # -- stream items --------------------------------------------------------------------------------
@@ -763,17 +784,19 @@ def _layout(rng: np.random.Generator, shapes: Sequence[str],
             constraints: Sequence[tuple[int, str, int]]) -> tuple[list[float], list[float], list[float]]:
     """Centres and diameters (normalised) for ``shapes``, non-overlapping, meeting ``constraints``.
 
-    Each constraint ``(i, rel, j)`` makes object i clearly ``rel`` object j (see ``clear_relation``).
-    Objects are placed one by one by rejection; a stuck layout restarts, and repeated failures shrink
-    the objects a little (it never came to that in practice, but it bounds the loop).
+    Each constraint ``(i, rel, j)`` makes object i clearly ``rel`` object j (see ``clear_relation``);
+    an object may have several. Objects are placed one by one by rejection, every object after the
+    objects it refers to; a stuck layout restarts, and repeated failures shrink the objects a little
+    (it never came to that in practice, but it bounds the loop).
     """
     n = len(shapes)
     if not 1 <= n <= MAX_OBJECTS:
         raise ValueError(f"a scene holds 1..{MAX_OBJECTS} objects, got {n}")
     lo, hi = DIAMETER_RANGE[n]
-    cons = {i: (rel, j) for i, rel, j in constraints}
-    # Targets first, so that a constrained object is placed relative to an already placed one.
-    order = sorted(range(n), key=lambda k: k in cons)
+    cons: dict[int, list[tuple[str, int]]] = {}
+    for i, rel, j in constraints:
+        cons.setdefault(i, []).append((rel, j))
+    order = _placement_order(n, cons)
     for shrink in range(6):
         scale = 0.9 ** shrink
         ds = [float(rng.uniform(lo, hi)) * scale for _ in range(n)]
@@ -785,8 +808,8 @@ def _layout(rng: np.random.Generator, shapes: Sequence[str],
                 hx, hy = (h * r for h in half_extent(shapes[k]))
                 placed = False
                 for _try in range(60):
-                    if k in cons and cons[k][1] in pos:
-                        rel, j = cons[k]
+                    if k in cons:
+                        rel, j = cons[k][_try % len(cons[k])]  # propose next to one target
                         # Offset within 25 degrees of the relation's axis, far enough not to overlap.
                         ang = math.radians(float(rng.uniform(-25, 25)))
                         dist = (circumradius(shapes[k]) * r + circumradius(shapes[j]) * ds[j] / 2 + _GAP
@@ -804,10 +827,10 @@ def _layout(rng: np.random.Generator, shapes: Sequence[str],
                            + circumradius(shapes[m]) * ds[m] / 2 + _GAP for m, (px, py) in pos.items()):
                         continue
                     if k in cons:
-                        rel, j = cons[k]
                         a = ShapeObject(shapes[k], "red", x, y, ds[k], (0, 0, 0)).bbox
-                        b = ShapeObject(shapes[j], "red", *pos[j], ds[j], (0, 0, 0)).bbox
-                        if clear_relation(a, b) != rel:
+                        if any(clear_relation(a, ShapeObject(shapes[j], "red", *pos[j], ds[j],
+                                                             (0, 0, 0)).bbox) != rel
+                               for rel, j in cons[k]):
                             continue
                     pos[k] = (x, y)
                     placed = True
@@ -818,6 +841,19 @@ def _layout(rng: np.random.Generator, shapes: Sequence[str],
             if ok:
                 return [pos[k][0] for k in range(n)], [pos[k][1] for k in range(n)], ds
     raise RuntimeError(f"could not lay out {list(shapes)} with constraints {list(constraints)}")
+
+
+def _placement_order(n: int, cons: Mapping[int, Sequence[tuple[str, int]]]) -> list[int]:
+    """Objects 0..n-1 in an order that places every object after the objects it refers to."""
+    order: list[int] = []
+    pending = list(range(n))
+    while pending:
+        ready = [k for k in pending if all(j in order for _, j in cons.get(k, ()))]
+        if not ready:
+            raise ValueError(f"position constraints {dict(cons)} form a cycle")
+        order += ready
+        pending = [k for k in pending if k not in ready]
+    return order
 
 
 # ----------------------------------------------------------------------------------------------------

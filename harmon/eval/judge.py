@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from harmon.data.shapes import COLOR_NAMES, COLORS, SHAPE_NAMES, gaussian_blur, relative_position, shape_alpha
 from harmon.data.shapeworld import GENEVAL_TAGS, PromptSpec
@@ -159,8 +159,12 @@ def load_image(path: str | Path) -> np.ndarray:
             return np.asarray(im.convert("RGB"), np.float32)
     except FileNotFoundError:
         raise ImageLoadError(f"image file {str(path)!r} does not exist") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{str(path)!r} is not an image file (no image format recognised "
+                             f"in its {len(data)} bytes)") from None
     except Exception as e:  # PIL raises many types for broken files
-        raise ImageLoadError(f"cannot read image file {str(path)!r}: {type(e).__name__}: {e}") from None
+        raise ImageLoadError(f"cannot read image file {str(path)!r} (truncated or corrupt): "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def _to_work(x: np.ndarray) -> np.ndarray:
@@ -530,7 +534,8 @@ def summarize(results: Iterable[JudgeResult]) -> dict[str, Any]:
     """Per-category accuracy and the overall score (GenEval: mean of the category accuracies).
 
     Returns:
-        ``{"categories": {tag: {"accuracy", "correct", "images"}}, "overall": float, "images": int}``;
+        ``{"categories": {tag: {"accuracy", "correct", "images"}}, "overall": float | None,
+        "images": int}``;
         categories in :data:`GENEVAL_TAGS` order; held-out results are reported under
         ``"heldout"`` with the same layout and do not enter the main overall score.
     """
@@ -542,7 +547,8 @@ def summarize(results: Iterable[JudgeResult]) -> dict[str, Any]:
     def table(g: dict[str, list[bool]]) -> dict[str, Any]:
         cats = {t: {"accuracy": float(np.mean(g[t])), "correct": int(sum(g[t])), "images": len(g[t])}
                 for t in GENEVAL_TAGS if t in g}
-        overall = float(np.mean([c["accuracy"] for c in cats.values()])) if cats else float("nan")
+        # None (JSON null, not NaN) when no image of this group was judged
+        overall = float(np.mean([c["accuracy"] for c in cats.values()])) if cats else None
         return {"categories": cats, "overall": overall, "images": sum(c["images"] for c in cats.values())}
 
     out = table(groups.get("main", {}))

@@ -164,7 +164,9 @@ def read_metadata_jsonl(path: str | Path) -> list[PromptSpec]:
         if not line.strip():
             continue
         try:
-            specs.append(PromptSpec.from_metadata(json.loads(line)))
+            spec = PromptSpec.from_metadata(json.loads(line))
+            spec.check_feasible()  # an impossible spec would quietly score 0
+            specs.append(spec)
         except (json.JSONDecodeError, ValueError, TypeError) as e:
             raise ValueError(f"{path}:{ln}: bad metadata line: {e}") from None
     return specs

@@ -113,6 +113,8 @@ def run_eval_shapes(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"wrote {n} prompts ({args.split}) to {args.write_metadata}", file=out)
         return 0
     if args.write_reference is not None:
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}")
         specs = eval_prompts(args.split)
         write_reference_folder(args.write_reference, specs, samples=args.samples, size=args.size,
                                seed=args.seed)
@@ -134,7 +136,12 @@ def add_eval_shapes_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "shapes", help="score generated images of ShapeWorld prompts (GenEval-style)",
         description="Score a GenEval-layout folder of generated images with the ShapeWorld judge and "
-                    "print accuracy per category; or write the prompts / reference images.")
+                    "print accuracy per category; or write the prompts / reference images.",
+        epilog="examples:\n"
+               "  harmon eval shapes --images runs/eval/images --json runs/eval/judge.json\n"
+               "  harmon eval shapes --write-metadata prompts.jsonl --split test\n"
+               "  harmon eval shapes --write-reference runs/reference --samples 4 --size 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", type=Path, metavar="DIR",
                    help="folder laid out as GenEval lays it out: DIR/00000/metadata.jsonl, "

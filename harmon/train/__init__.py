@@ -12,7 +12,7 @@
 
 from .config import TrainConfig, load_config
 
-__all__ = ["TrainConfig", "load_config", "Trainer", "train"]
+__all__ = ["TrainConfig", "load_config", "Trainer", "TrainingError", "train"]
 
 
 def __getattr__(name):

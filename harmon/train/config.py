@@ -152,6 +152,7 @@ class RunConfig:
     grad_accum: int = 0  # micro-batches per device per step; 0 = sum(data.ratio)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     grad_checkpointing: bool = False  # LLM layers, MAR blocks and head blocks
+    deterministic: bool = False  # deterministic kernels (bitwise-exact resume on GPUs; slower)
     ema: float = 0.0  # EMA decay of the trained weights (e.g. 0.9999); 0 = no EMA
     seed: int = 0  # all training randomness derives from it (data, masks, noise, dropout)
     out_dir: str = "runs/harmon"
@@ -165,6 +166,7 @@ class RunConfig:
     sample_steps: int = 16  # MAR steps of the periodic samples
     sample_cfg: float = 3.0
     judge_images: int = 0  # ShapeWorld scenes judged at each sample interval (0 = none)
+    vqa_images: int = 0  # ShapeWorld scenes whose questions are answered and scored (0 = none)
     strategy: str = "auto"  # auto (ddp under torchrun, else none) | none | ddp | fsdp
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True  # tqdm bar on rank 0

@@ -239,8 +239,12 @@ def _resolve_image(d: dict, root: Path) -> dict:
     d = dict(d)
     if isinstance(d.get("image"), list):  # LLaVA multi-image entries: we take the first image
         d["image"] = d["image"][0] if d["image"] else None
-    if d.get("image"):
-        d["image"] = str(root / d["image"])
+    im = d.get("image")
+    if im is not None and not isinstance(im, str):
+        raise BadItem(f"the item's image must be a path (a string), got {type(im).__name__} "
+                      f"{str(im)[:40]!r}")
+    if im:
+        d["image"] = str(root / im)
     return d
 
 

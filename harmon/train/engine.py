@@ -10,7 +10,9 @@ Determinism. Every random number of micro-batch G (the global micro-batch index)
 mask orders / ratio / diffusion timesteps / noise (a ``TorchDraws`` on a fresh ``torch.Generator``)
 and dropout (the global torch RNG, re-seeded before each micro-batch). So the RNG state of a run is
 its step counter: a resumed run replays exactly the losses of an uninterrupted one, and one process
-with ``A' = W * A`` sees exactly the batches of W processes.
+with ``A' = W * A`` sees exactly the batches of W processes. On a CPU this holds bit for bit; CUDA
+kernels may accumulate in a different order from run to run (atomics in some backward passes), so
+on GPUs ``run.deterministic = true`` is needed for bitwise replay (at some cost in speed).
 
 Checkpoints (``out_dir/checkpoints/step_NNNNNNN/``), written to a temporary directory and renamed
 when complete, so a crash (even ``kill -9``) leaves the previous ones intact:
@@ -173,9 +175,14 @@ class Trainer:
                              "pass --resume to continue that run or choose another run.out_dir")
         cuda = d.device.type == "cuda"
         self.amp = (run.precision == "bf16") or (run.precision == "auto" and cuda)
-        if cuda:
+        if cuda and not run.deterministic:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if run.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; set before its first use
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
 
         check_paths(cfg)  # fail now, not after minutes of model building
         model, self.tokenizer, self.model_source = build_model(cfg.model)
@@ -275,6 +282,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Write a checkpoint for the current step (all ranks call; rank 0 writes)."""
         d = self.dist
+        if d.strategy != "fsdp" and not d.main:
+            # replicated weights: rank 0 has everything; gathering is only needed under FSDP
+            d.barrier()
+            return None
         sd = {}
         for k, v in self.model.state_dict().items():
             if k.startswith("vae.") or (k == "llm.lm_head.weight"
@@ -413,7 +424,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if self.ema is not None:
                 torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.params],
-                                     1.0 - run.ema)
+                                     1.0 - ema_decay(run.ema, step))
             self.step = step + 1
             dt = time.time() - t0
             self.elapsed += dt
@@ -488,11 +499,19 @@ class Trainer:
 
     @contextlib.contextmanager
     def _inference(self):
-        """Eval mode with whole parameters (FSDP: gathered on every rank for the duration)."""
+        """Eval mode with whole parameters (FSDP: gathered on every rank for the duration), and
+        the EMA weights in place of the trained ones when EMA is kept: samples and judge scores
+        then show the weights that are exported."""
         from torch.distributed.fsdp import FSDPModule
 
         fsdp = [m for m in self.loss_module.modules() if isinstance(m, FSDPModule)]
         self.model.eval()
+        backup = None
+        if self.ema is not None:
+            with torch.no_grad():
+                backup = [p.detach().clone() for p in self.params]
+                for p, e in zip(self.params, self.ema):
+                    p.detach().copy_(e)
         for m in fsdp:
             m.unshard()
         try:
@@ -501,6 +520,10 @@ class Trainer:
         finally:
             for m in fsdp:
                 m.reshard()
+            if backup is not None:
+                with torch.no_grad():
+                    for p, b in zip(self.params, backup):
+                        p.detach().copy_(b)
             self.model.train()
 
     def generate(self, prompts: list[str], seed: int) -> list:
@@ -538,6 +561,8 @@ class Trainer:
             rec = {"step": self.step}
             if run.judge_images:
                 rec.update(self.judge(run.judge_images))
+            if run.vqa_images:
+                rec.update(self.vqa(run.vqa_images))
         if d.main:
             if images:
                 path = self.out / "samples" / f"step_{self.step:07d}.png"
@@ -570,9 +595,30 @@ class Trainer:
         out.update({f"judge_{t}": c["accuracy"] for t, c in summary["categories"].items()})
         return out
 
+    def vqa(self, n: int) -> dict:
+        """Greedy answers to the questions of n ShapeWorld evaluation scenes, scored per type."""
+        from ..eval.vqa import build_vqa_eval_set, evaluate_vqa
+        from ..pipeline import Harmon
+
+        items = build_vqa_eval_set(n, size=self.cfg.data.image_size, seed=self.cfg.run.seed)
+        harmon = Harmon(self.model, self.tokenizer, trained=True)
+        preds = []
+        with self._inference():
+            for b in range(0, len(items), 32):
+                chunk = items[b: b + 32]
+                preds += harmon.answer([it.scene.render() for it in chunk],
+                                       [it.question for it in chunk], max_new_tokens=8)
+        scores = evaluate_vqa(items, preds)
+        out = {f"vqa_{t}": v["accuracy"] for t, v in scores["per_type"].items()}
+        out["vqa_overall"] = scores["overall"]
+        return out
+
     def export(self, path: Path):
         """The whole model (VAE included; EMA weights when kept) as a directory
         :meth:`harmon.Harmon.from_pretrained` loads."""
+        if self.dist.strategy != "fsdp" and not self.dist.main:
+            self.dist.barrier()
+            return
         sd = {k: _full(v) for k, v in self.model.state_dict().items()}
         if self.ema is not None:
             for p, e in zip(self.params, self.ema):
@@ -588,6 +634,16 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """EMA decay at optimiser step ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``.
+
+    The warm-up keeps the random initial weights from lingering in a short run's average (with a
+    constant 0.999 they would still weigh 13% after 2000 steps); it depends on the step alone, so a
+    resumed run averages exactly like an uninterrupted one.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
 
 
 def check_paths(cfg: TrainConfig) -> None:
