@@ -76,7 +76,8 @@ def cmd_generate(args) -> int:
     images = model.generate(args.prompts, num_images_per_prompt=args.num_images, size=size,
                             steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                             temperature=args.temperature, seed=args.seed, mode=args.mode,
-                            head_steps=args.head_steps, on_step=lambda info: bar.update(1))
+                            head_steps=args.head_steps, head_sampler=args.head_sampler,
+                            head_eta=args.head_eta, on_step=lambda info: bar.update(1))
     bar.close()
     for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast (default; the reference's tokens up to float rounding) or reference")
     g.add_argument("--head-steps", type=int, default=None,
                    help="diffusion-head steps (default 100; fewer is faster and approximate)")
-    g.add_argument("--size", default=None, help="S or HxW, multiples of 16 (default: model's)")
+    g.add_argument("--head-sampler", default="ddpm", choices=["ddpm", "ddim"],
+                   help="diffusion-head update: ddpm (the reference) or ddim (approximate, for "
+                        "few head steps)")
+    g.add_argument("--head-eta", type=float, default=0.0, help="DDIM noise level, 0..1")
+    g.add_argument("--size", default=None,
+                   help="S or HxW, multiples of the VAE stride (default: the model's size)")
     g.add_argument("-o", "--output", default="harmon.png", help="image file or directory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_args(g)

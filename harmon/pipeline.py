@@ -185,7 +185,8 @@ class Harmon:
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
                  output: str = "pil", mode: str = "fast", compile: bool = False,
-                 head_steps: int | None = None) -> list[Image.Image] | torch.Tensor:
+                 head_steps: int | None = None, head_sampler: str = "ddpm",
+                 head_eta: float = 0.0) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
         Args:
@@ -201,6 +202,8 @@ class Harmon:
             compile: with mode "fast", compile the head's reverse step (``torch.compile``).
             head_steps: with mode "fast", the diffusion head's reverse steps (default: the
                 model's 100). Fewer steps are faster and approximate (not the reference's output).
+            head_sampler: with mode "fast", "ddpm" (the reference's ancestral update) or "ddim"
+                (approximate, for few head steps); head_eta is DDIM's noise level (0..1).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -218,6 +221,8 @@ class Harmon:
         if head_steps is not None and (mode != "fast" or not 1 <= head_steps <= 1000):
             raise ValueError(f"head_steps={head_steps!r} needs mode='fast' and 1 <= head_steps "
                              "<= 1000")
+        if (head_sampler, head_eta) != ("ddpm", 0.0) and mode != "fast":
+            raise ValueError("head_sampler / head_eta need mode='fast'")
         size = size or self.cfg.image_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         grid = self.model.grid_for(h, w)
@@ -225,10 +230,10 @@ class Harmon:
         draws = TorchDraws(self._generator(seed, generator))
         head = None
         if mode == "fast":
-            key = (compile, head_steps)
+            key = (compile, head_steps, head_sampler, float(head_eta))
             if key not in self._fast_heads:
                 self._fast_heads[key] = FastHeadSampler(self.model.mar.diffloss, compile,
-                                                        head_steps)
+                                                        head_steps, head_sampler, head_eta)
             head = self._fast_heads[key]
             self.model.mar.pos_cache = {}  # position tables resized once per call
         try:

@@ -70,9 +70,48 @@ def test_bad_mode(tiny_harmon):
 def test_fewer_head_steps_is_an_option_of_the_fast_mode(tiny_harmon):
     a = tiny_harmon.generate("a", steps=3, seed=0, head_steps=25, output="uint8")
     assert a.shape == (1, 64, 64, 3)
-    assert ("compile", 25) not in tiny_harmon._fast_heads and (False, 25) in tiny_harmon._fast_heads
-    assert tiny_harmon._fast_heads[(False, 25)].diffusion.num_timesteps == 25
+    assert tiny_harmon._fast_heads[(False, 25, "ddpm", 0.0)].diffusion.num_timesteps == 25
     with pytest.raises(ValueError, match="head_steps"):
         tiny_harmon.generate("a", head_steps=10, mode="reference")
     with pytest.raises(ValueError, match="head_steps"):
         tiny_harmon.generate("a", head_steps=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_update_samples_the_distribution_its_noise_prediction_knows(tiny_harmon, eta):
+    """With the exact noise prediction of Gaussian data N(0, s^2), DDIM's coefficients carry
+    N(0, 1) noise to N(0, s^2) (up to the discretisation error of 250 steps, which vanishes as
+    the steps grow: it is 6% of s at 25 steps); for a point mass they land on the point exactly."""
+    from harmon.fast.head import ddim_update
+
+    sampler = FastHeadSampler(tiny_harmon.model.mar.diffloss, num_steps=250, sampler="ddim",
+                              eta=eta)
+    coefs = sampler.tables(torch.device("cpu"), torch.float64)["coefs"]
+    g = torch.Generator().manual_seed(0)
+    for s, target in ((0.5, None), (0.0, 0.3)):
+        x = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+        for k in reversed(range(len(coefs))):
+            ab = 1.0 / coefs[k][0] ** 2
+            mean = (ab ** 0.5) * (target or 0.0)
+            # exact eps of N(mean, ab s^2 + 1 - ab) given x_t
+            eps = (x - mean) * (1 - ab) ** 0.5 / (ab * s * s + 1 - ab)
+            noise = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            x = ddim_update(x, eps, coefs[k], noise, 1.0, k > 0)
+        if target is None:
+            assert abs(float(x.std()) - s) < 0.012 and abs(float(x.mean())) < 0.02
+        else:
+            # (the schedule's coefficients are float32 values, as the reference applies them)
+            assert torch.allclose(x, torch.full_like(x, target), atol=1e-4)
+
+
+def test_ddim_head_sampler_runs_through_generate(tiny_harmon):
+    a = tiny_harmon.generate("a red circle", steps=4, seed=0, size=64, output="uint8",
+                             head_steps=10, head_sampler="ddim")
+    b = tiny_harmon.generate("a red circle", steps=4, seed=0, size=64, output="uint8",
+                             head_steps=10, head_sampler="ddim")
+    assert torch.equal(a, b) and a.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="ddpm' or 'ddim"):
+        tiny_harmon.generate("a red circle", steps=2, size=64, head_sampler="euler")
+    with pytest.raises(ValueError, match="mode='fast'"):
+        tiny_harmon.generate("a red circle", steps=2, size=64, head_sampler="ddim",
+                             mode="reference")

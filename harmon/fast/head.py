@@ -14,6 +14,13 @@ operations. This one gives the same tokens (up to float rounding) with far fewer
 - the network runs through ``torch.nn.functional`` directly, without module-call overhead;
 - optionally, one step is compiled with ``torch.compile`` (it pays on GPUs, not on small CPUs).
 
+Two approximate options, off by default: fewer reverse steps (``num_steps``: a coarser respacing
+of the same 1000-step process), and a DDIM update (``sampler="ddim"``, Song et al. 2021) in place
+of the ancestral one. DDIM keeps only the network's noise prediction (the learned variance is not
+used) and moves along the predicted trajectory; ``eta`` = 0 is deterministic given the initial
+noise, ``eta`` = 1 injects as much noise as an ancestral step (scaled by the temperature). It is
+meant for few steps, where it loses less than the ancestral update.
+
 Random draws are consumed exactly as by the reference (initial noise for the conditional rows,
 then one draw of the full batch's shape per step, also at the last step), so the same seed gives
 the same tokens.
@@ -37,18 +44,27 @@ class FastHeadSampler:
         compile: compile the reverse step with ``torch.compile``.
         num_steps: reverse steps of the head; None keeps the model's (100, exact). Fewer steps
             (a coarser respacing of the same 1000-step process) are an approximation.
+        sampler: "ddpm" (the reference's ancestral update) or "ddim" (an approximation).
+        eta: DDIM's noise level (0 = deterministic; ignored by "ddpm").
         modulation_budget: bytes allowed for the precomputed adaLN modulations of one call.
     """
 
     def __init__(self, head: DiffLoss, compile: bool = False, num_steps: int | None = None,
+                 sampler: str = "ddpm", eta: float = 0.0,
                  modulation_budget: int = 256 * 2 ** 20):
+        if sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"head sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
         self.head = head
         self.net = head.net
         self.diffusion = (head.gen_diffusion if num_steps is None else
                           create_diffusion(str(num_steps), head.train_diffusion.num_timesteps))
+        self.sampler, self.eta = sampler, float(eta)
         self.budget = modulation_budget
         self._tables: dict = {}
-        self._step = torch.compile(_reverse_step, dynamic=True) if compile else _reverse_step
+        step = _reverse_step if sampler == "ddpm" else _ddim_step
+        self._step = torch.compile(step, dynamic=True) if compile else step
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> dict:
         """Per-step time embeddings (T, w) and folded coefficients, cached per weights version."""
@@ -66,8 +82,14 @@ class FastHeadSampler:
             # the mean keeps the reference's order of operations (x0 first): at the noisiest
             # steps x0 amplifies x and eps by ~1e4, so a folded a x - b eps rounds differently
             # enough to change random-weight trajectories. 0.5 log var = p + q v.
-            coefs = torch.stack([sr, srm1, c1, c2, 0.5 * lo + 0.25 * (hi - lo), 0.25 * (hi - lo)],
-                                dim=1)
+            if self.sampler == "ddpm":
+                coefs = torch.stack([sr, srm1, c1, c2, 0.5 * lo + 0.25 * (hi - lo),
+                                     0.25 * (hi - lo)], dim=1)
+            else:  # x_prev = a x0 + b eps + sigma z, with x0 = sr x - srm1 eps
+                ab, ab_prev = f("alphas_cumprod"), f("alphas_cumprod_prev")
+                sigma = self.eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
+                b = (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt()
+                coefs = torch.stack([sr, srm1, ab_prev.sqrt(), b, sigma, sigma], dim=1)
             self._tables[key] = {"t_emb": self.net.time_embed(t).to(dtype),
                                  "coefs": [tuple(float(v) for v in row) for row in coefs]}
         return self._tables[key]
@@ -126,10 +148,9 @@ class FastHeadSampler:
         return x
 
 
-def _reverse_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs, noise,
-                  cfg: float, temperature: float, add_noise: bool) -> torch.Tensor:
-    """One ancestral step on the conditional state x (M, C)."""
-    sr, srm1, c1, c2, p, q = coefs
+def _network(input_proj, layers, final_linear, mods, x: torch.Tensor, cfg: float):
+    """The head's network on the conditional state x (M, C): the guided noise prediction (M, C)
+    and the raw output (R, 2C) (its second half holds the variance values)."""
     M, C = x.shape
     guided = mods[0][0].shape[0] != M
     h = F.linear(torch.cat([x, x]) if guided else x, input_proj.weight, input_proj.bias)
@@ -144,8 +165,36 @@ def _reverse_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs
     eps = out[:, :C]
     if guided:
         eps = torch.add(eps[M:], eps[:M] - eps[M:], alpha=cfg)
+    return eps, out
+
+
+def _reverse_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs, noise,
+                  cfg: float, temperature: float, add_noise: bool) -> torch.Tensor:
+    """One ancestral step on the conditional state x (M, C)."""
+    sr, srm1, c1, c2, p, q = coefs
+    M, C = x.shape
+    eps, out = _network(input_proj, layers, final_linear, mods, x, cfg)
     mean = c1 * (sr * x - srm1 * eps) + c2 * x
     if not add_noise:
         return mean
     std = torch.exp(out[:M, C:] * q + p)  # exp(0.5 log variance), the conditional rows' own
     return torch.addcmul(mean, std, noise, value=temperature)
+
+
+def _ddim_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs, noise,
+               cfg: float, temperature: float, add_noise: bool) -> torch.Tensor:
+    """One DDIM step on the conditional state x (M, C)."""
+    eps, _ = _network(input_proj, layers, final_linear, mods, x, cfg)
+    return ddim_update(x, eps, coefs, noise, temperature, add_noise)
+
+
+def ddim_update(x: torch.Tensor, eps: torch.Tensor, coefs, noise: torch.Tensor,
+                temperature: float, add_noise: bool) -> torch.Tensor:
+    """x_{t-1} from x_t and the predicted noise (both (M, C)), with the step's DDIM coefficients
+    ``(sqrt(1/ab), sqrt(1/ab - 1), sqrt(ab_prev), sqrt(1 - ab_prev - sigma^2), sigma, sigma)``."""
+    sr, srm1, a, b, sigma, _ = coefs
+    x0 = sr * x - srm1 * eps
+    x = a * x0 + b * eps
+    if add_noise and sigma > 0:
+        x = torch.add(x, noise, alpha=sigma * temperature)
+    return x
