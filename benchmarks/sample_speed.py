@@ -8,6 +8,10 @@ over the reference measured in the same run. Both modes give the same tokens for
 
     python benchmarks/sample_speed.py                       # tiny and 0.5B at 256 and 512 px
     python benchmarks/sample_speed.py --presets tiny --sizes 256 --batches 1 8 --modes reference fast fast+compile
+    python benchmarks/sample_speed.py --presets shipped --sizes 64 --batches 1 8   # the shipped model
+
+``shipped`` is the trained model inside the package (its own weights and tokenizer), the others
+are random weights of a preset's shapes.
 """
 
 from __future__ import annotations
@@ -108,7 +112,11 @@ def peak_memory(device: torch.device) -> float:
 
 
 MODES = {"reference": dict(mode="reference"), "fast": dict(mode="fast"),
-         "fast+compile": dict(mode="fast", compile=True)}
+         "fast+compile": dict(mode="fast", compile=True),
+         # approximations (not the reference's output; their quality: benchmarks/approx_quality.py)
+         "fast+head50": dict(mode="fast", head_steps=50),
+         "fast+head25": dict(mode="fast", head_steps=25),
+         "fast+ddim25": dict(mode="fast", head_steps=25, head_sampler="ddim")}
 
 
 def bench(model: Harmon, name: str, size: int, batch: int, steps: int, mode: str, device,
@@ -153,8 +161,11 @@ def main() -> None:
               f"{'peak GiB':>9}{'speed-up':>9}  breakdown (s)")
     print(header)
     for name in args.presets:
-        model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
-                       byte_level_tokenizer(), name=name, trained=False)
+        if name == "shipped":
+            model = Harmon.from_pretrained(device=device, dtype=dtype)
+        else:
+            model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
+                           byte_level_tokenizer(), name=name, trained=False)
         for size in args.sizes:
             for batch in args.batches:
                 base = None

@@ -27,6 +27,12 @@ EXAMPLES = """examples:
 """
 
 
+def examples(*lines: str) -> dict:
+    """``add_parser`` keyword arguments that print ``lines`` as the help's examples section."""
+    return {"epilog": "examples:\n" + "\n".join(f"  {x}" for x in lines),
+            "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None,
                    help="model directory, native .pth, or preset (tiny, harmon-0.5b, harmon-1.5b: "
@@ -157,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)
 
-    a = sub.add_parser("ask", help="answer a question about an image")
+    a = sub.add_parser("ask", help="answer a question about an image", **examples(
+        'harmon ask image.png "How many circles are there?"',
+        'harmon ask image.png "What color is the star?" --checkpoint /models/Harmon-1_5B --device cuda'))
     a.add_argument("image")
     a.add_argument("question")
     a.add_argument("--max-new-tokens", type=int, default=256)
@@ -165,19 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.set_defaults(func=cmd_ask)
 
-    c = sub.add_parser("caption", help="describe images")
+    c = sub.add_parser("caption", help="describe images", **examples(
+        "harmon caption image.png", "harmon caption samples/*.png --max-new-tokens 64"))
     c.add_argument("images", nargs="+")
     c.add_argument("--max-new-tokens", type=int, default=256)
     c.add_argument("--size", type=int, default=None)
     _add_model_args(c)
     c.set_defaults(func=cmd_caption)
 
-    i = sub.add_parser("info", help="model, device, dtype and parameter counts")
+    i = sub.add_parser("info", help="model, device, dtype and parameter counts", **examples(
+        "harmon info", "harmon info --checkpoint harmon-1.5b --json",
+        "harmon info --checkpoint /models/harmon_1.5b.pth --dtype bfloat16"))
     i.add_argument("--json", action="store_true")
     _add_model_args(i)
     i.set_defaults(func=cmd_info)
 
-    r = sub.add_parser("reference", help="run the parity checker on a fixture directory")
+    r = sub.add_parser("reference", help="run the parity checker on a fixture directory",
+                       **examples("harmon reference tests/fixtures/harmon_reference",
+                                  "harmon reference /data/other_fixtures -v"))
     r.add_argument("directory")
     r.add_argument("-v", "--verbose", action="store_true")
     r.set_defaults(func=cmd_reference)

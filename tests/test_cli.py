@@ -56,3 +56,15 @@ def test_errors_are_one_line(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["generate"], ["ask"], ["caption"], ["info"], ["serve"],
+                                     ["reference"], ["data", "export"], ["eval", "shapes"],
+                                     ["eval", "model"], ["train"], ["train-vae"],
+                                     ["train-tokenizer"]])
+def test_every_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"harmon {' '.join(command)}" in out.split("examples:")[1]

@@ -173,15 +173,15 @@ def run_export(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_export_command(subparsers) -> argparse.ArgumentParser:
     """Add ``export`` to the ``harmon data`` subparsers; the handler is ``args.func(args)``."""
+    from ..cli import examples
+
     p = subparsers.add_parser(
         "export", help="write ShapeWorld samples in the training formats",
         description="Write N ShapeWorld samples as image files + JSONL (t2i.jsonl, vqa.jsonl, llava.json) "
                     "and/or webdataset-style tar shards.",
-        epilog="examples:\n"
-               "  harmon data export --out data/sw -n 1000 --size 64\n"
-               "  harmon data export --out data/sw_vqa -n 50000 --task vqa --turns 2 --format wds\n"
-               "  harmon data export --out data/sw_eval -n 500 --seed 7 --no-holdout",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **examples("harmon data export --out data/sw -n 1000 --size 64",
+                   "harmon data export --out data/sw_vqa -n 50000 --task vqa --turns 2 --format wds",
+                   "harmon data export --out data/sw_eval -n 500 --seed 7 --no-holdout"))
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     p.add_argument("-n", "--num", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels, 64..512 (default 128)")

@@ -60,9 +60,12 @@ def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size:
 
 
 def add_eval_model_command(subparsers) -> None:
-    from ..cli import _add_model_args
+    from ..cli import _add_model_args, examples
 
-    p = subparsers.add_parser("model", help="generate and answer on ShapeWorld, then score")
+    p = subparsers.add_parser("model", help="generate and answer on ShapeWorld, then score",
+                              **examples("harmon eval model --out runs/eval",
+                                         "harmon eval model --samples 4 --vqa-images 200 "
+                                         "--checkpoint runs/shapeworld_model_stage3/final"))
     p.add_argument("--samples", type=int, default=2, help="images per evaluation prompt")
     p.add_argument("--vqa-images", type=int, default=60, help="evaluation scenes for questions")
     p.add_argument("--seed", type=int, default=0)

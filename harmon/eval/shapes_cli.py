@@ -133,15 +133,15 @@ def run_eval_shapes(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def add_eval_shapes_command(subparsers) -> argparse.ArgumentParser:
     """Add ``shapes`` to the ``harmon eval`` subparsers; the handler is ``args.func(args)``."""
+    from ..cli import examples
+
     p = subparsers.add_parser(
         "shapes", help="score generated images of ShapeWorld prompts (GenEval-style)",
         description="Score a GenEval-layout folder of generated images with the ShapeWorld judge and "
                     "print accuracy per category; or write the prompts / reference images.",
-        epilog="examples:\n"
-               "  harmon eval shapes --images runs/eval/images --json runs/eval/judge.json\n"
-               "  harmon eval shapes --write-metadata prompts.jsonl --split test\n"
-               "  harmon eval shapes --write-reference runs/reference --samples 4 --size 64",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        **examples("harmon eval shapes --images runs/eval/images --json runs/eval/judge.json",
+                   "harmon eval shapes --write-metadata prompts.jsonl --split test",
+                   "harmon eval shapes --write-reference runs/reference --samples 4 --size 64"))
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--images", type=Path, metavar="DIR",
                    help="folder laid out as GenEval lays it out: DIR/00000/metadata.jsonl, "

@@ -47,7 +47,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 512) -> HarmonTokenizer:
 
 
 def add_train_tokenizer_command(subparsers) -> None:
-    p = subparsers.add_parser("train-tokenizer", help="train a small BPE tokenizer on ShapeWorld")
+    from ..cli import examples
+
+    p = subparsers.add_parser("train-tokenizer", help="train a small BPE tokenizer on ShapeWorld",
+                              **examples("harmon train-tokenizer --out runs/tok",
+                                         "harmon train-tokenizer --out runs/tok --vocab-size 1024 "
+                                         "--scenes 20000"))
     p.add_argument("--out", required=True, help="directory to write tokenizer.json to")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--scenes", type=int, default=4000, help="ShapeWorld scenes to read texts from")

@@ -184,7 +184,12 @@ def load_vae(path: str | Path) -> tuple[AutoencoderKL, VAEConfig, float]:
 
 
 def add_train_vae_command(subparsers) -> None:
-    p = subparsers.add_parser("train-vae", help="train a small KL autoencoder on ShapeWorld")
+    from ..cli import examples
+
+    p = subparsers.add_parser("train-vae", help="train a small KL autoencoder on ShapeWorld",
+                              **examples("harmon train-vae --out runs/vae --steps 3000",
+                                         "harmon train-vae --out runs/vae --steps 9000 --crop 0 "
+                                         "--resume"))
     d = VAETrainConfig()
     p.add_argument("--out", default=d.out_dir)
     p.add_argument("--size", type=int, default=d.size)

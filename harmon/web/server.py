@@ -508,13 +508,16 @@ def _free_accelerator_memory() -> None:
 
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
     """Add ``serve`` to the ``harmon`` subparsers; the handler is ``args.func(args)``."""
-    from ..cli import _add_model_args
+    from ..cli import _add_model_args, examples
 
     p = subparsers.add_parser(
         "serve", help="web page: text to image with a live preview, and image questions",
         description="Serve a local web page: type a prompt and watch the image fill in, or upload "
                     "an image and ask about it. Standard library HTTP server; nothing is fetched "
-                    "from the internet.")
+                    "from the internet.",
+        **examples("harmon serve", "harmon serve --port 0 --steps 32",
+                   "harmon serve --checkpoint /models/harmon_1.5b.pth --tokenizer /models/qwen "
+                   "--device cuda --host 0.0.0.0"))
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
