@@ -231,3 +231,24 @@ def test_ema_warms_up_and_samples_use_the_ema_weights(tmp_path):
         assert all(torch.equal(p.detach(), e) for p, e in zip(tr.params, tr.ema))
     assert all(torch.equal(p.detach(), t) for p, t in zip(tr.params, trained))
     assert tr.model.training
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    from harmon.train import engine
+
+    class Writer:  # the part of SummaryWriter the engine uses
+        def __init__(self):
+            self.scalars, self.flushes = [], 0
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+        def flush(self):
+            self.flushes += 1
+
+    writer = Writer()
+    monkeypatch.setattr(engine, "_tensorboard", lambda path: writer)
+    Trainer(tiny_config(tmp_path, steps=2)).train()
+    losses_logged = [(v, s) for t, v, s in writer.scalars if t == "loss"]
+    assert [s for _, s in losses_logged] == [1, 2] and writer.flushes == 2
+    assert [v for v, _ in losses_logged] == list(losses(tmp_path).values())
