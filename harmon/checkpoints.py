@@ -252,6 +252,18 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
     return model.eval()
 
 
+def read_provenance(path: str | Path) -> str:
+    """The ``trained_by`` note of a directory in our format ("" for anything else)."""
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return ""
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return str(d.get("trained_by", "")) if isinstance(d, dict) and d.get("format") == "harmon" else ""
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 

@@ -120,6 +120,8 @@ def cmd_info(args) -> int:
         print(json.dumps(info, indent=1))
         return 0
     print(f"model       {info['name']}{'' if info['trained'] else '  (random weights)'}")
+    if info["provenance"]:
+        print(f"weights     {info['provenance']}")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
     for k, v in info["parameters"].items():
         print(f"  {k:<22}{v / 1e6:>10.2f} M")

@@ -76,7 +76,7 @@ class Harmon:
     """A ready-to-use Harmon: ``generate`` images from text and ``answer`` questions on images."""
 
     def __init__(self, model: HarmonModel, tokenizer: HarmonTokenizer, name: str = "harmon",
-                 trained: bool = True):
+                 trained: bool = True, provenance: str = ""):
         if tokenizer.vocab_size > model.cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"embedding table only {model.cfg.llm.vocab_size} rows")
@@ -84,6 +84,7 @@ class Harmon:
         self.tokenizer = tokenizer
         self.name = name
         self.trained = trained
+        self.provenance = provenance  # how the weights were made ("trained_by" in config.json)
         self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
     # ---- loading and saving ----------------------------------------------------------------
@@ -126,11 +127,13 @@ class Harmon:
         model = checkpoints.load_harmon(path, vae=vae, config=config, device=dev, dtype=dt,
                                         strict=strict)
         tok_dir = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent)
-        return cls(model, HarmonTokenizer.from_dir(tok_dir), name=path.name)
+        return cls(model, HarmonTokenizer.from_dir(tok_dir), name=path.name,
+                   provenance=checkpoints.read_provenance(path))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json, model.safetensors and tokenizer.json to ``path``."""
-        return checkpoints.save_pretrained(self.model, path, self.tokenizer)
+        extra = {"trained_by": self.provenance} if self.provenance else None
+        return checkpoints.save_pretrained(self.model, path, self.tokenizer, extra_config=extra)
 
     def to(self, device=None, dtype=None) -> "Harmon":
         dev = resolve_device(device) if device is not None else self.device
@@ -152,7 +155,8 @@ class Harmon:
                  "connectors": torch.nn.ModuleList([self.model.proj_in, self.model.proj_out])}
         counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
         counts["mar_encoder_decoder"] -= counts["diffusion_head"]
-        return {"name": self.name, "trained": self.trained, "device": str(self.device),
+        return {"name": self.name, "trained": self.trained, "provenance": self.provenance,
+                "device": str(self.device),
                 "dtype": str(self.model.dtype).replace("torch.", ""),
                 "image_size": self.cfg.image_size, "parameters": counts,
                 "total_parameters": sum(p.numel() for p in self.model.parameters())}

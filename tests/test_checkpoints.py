@@ -156,3 +156,15 @@ def test_preset_parameter_counts():
     assert abs(head / 1e6 - 35.7) < 0.1
     assert abs((count(m.mar) - head) / 1e6 - 2 * 85.1 - 0.8) < 1.5  # + class table, dec embed
     assert abs(count(m.proj_in) + count(m.proj_out) - 3.0e6) < 0.1e6
+
+
+def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
+    from harmon.train.ship import ship
+
+    src = Harmon(tiny_harmon.model, tiny_harmon.tokenizer, name="t",
+                 provenance="harmon train (x, step 3)").save_pretrained(tmp_path / "a")
+    loaded = Harmon.from_pretrained(src, device="cpu")
+    assert loaded.provenance == "harmon train (x, step 3)" == loaded.info()["provenance"]
+    shipped = Harmon.from_pretrained(ship(src, tmp_path / "b"), device="cpu")
+    assert shipped.provenance == "harmon train (x, step 3); shipped in float16 by harmon.train.ship"
+    assert Harmon.from_pretrained("tiny").provenance == ""

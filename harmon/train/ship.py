@@ -18,7 +18,10 @@ LIMIT_MIB = 16
 
 
 def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``src`` (a model directory) to ``dst`` in ``dtype``, keeping its provenance note."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
+    model.provenance = (f"{model.provenance}; " if model.provenance else "") + \
+        f"shipped in {str(dtype).replace('torch.', '')} by harmon.train.ship"
     out = model.save_pretrained(dst)
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
     if size > LIMIT_MIB:
