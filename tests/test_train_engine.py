@@ -159,8 +159,10 @@ def test_kill_9_then_resume_replays_the_same_losses(tmp_path):
     assert ckpt.exists() and proc.returncode == -signal.SIGKILL, err
     done = sorted(p.name for p in (tmp_path / "run/checkpoints").glob("step_*"))
     assert done[-1] != "step_0000008", "the run finished before it could be killed"
+    (tmp_path / "run/checkpoints/.tmp_step_0000006").mkdir()  # as a kill during a save leaves
     Trainer(cfg, resume=True).train()
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    assert not list((tmp_path / "run/checkpoints").glob(".tmp_*"))
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -299,7 +299,8 @@ class Trainer:
         if d.main:
             path = self.ckpt_dir / f"step_{self.step:07d}"
             tmp = self.ckpt_dir / f".tmp_step_{self.step:07d}"
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in self.ckpt_dir.glob(".tmp_step_*"):  # left by a crash mid-save
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             torch.save(osd, tmp / "optimizer.pt")
