@@ -108,8 +108,7 @@ def _read_dir(path: Path) -> dict[str, torch.Tensor]:
                             "model-*.safetensors with an index, or pytorch_model.bin)")
 
 
-def read_config(path: str | Path) -> HarmonConfig:
-    """The :class:`HarmonConfig` of a model directory (ours or Hugging Face's)."""
+def _config_json(path: str | Path) -> dict:
     f = Path(path) / CONFIG_FILE
     if not f.is_file():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}")
@@ -117,6 +116,14 @@ def read_config(path: str | Path) -> HarmonConfig:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{f} holds {type(d).__name__}, expected a JSON object")
+    return d
+
+
+def read_config(path: str | Path) -> HarmonConfig:
+    """The :class:`HarmonConfig` of a model directory (ours or Hugging Face's)."""
+    d = _config_json(path)
     return HarmonConfig.from_dict(d.get("model", d))
 
 
@@ -254,14 +261,10 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
 
 def read_provenance(path: str | Path) -> str:
     """The ``trained_by`` note of a directory in our format ("" for anything else)."""
-    f = Path(path) / CONFIG_FILE
-    if not f.is_file():
+    if not (Path(path) / CONFIG_FILE).is_file():
         return ""
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return ""
-    return str(d.get("trained_by", "")) if isinstance(d, dict) and d.get("format") == "harmon" else ""
+    d = _config_json(path)
+    return str(d.get("trained_by", "")) if d.get("format") == "harmon" else ""
 
 
 # ----------------------------------------------------------------------------------------------
