@@ -119,6 +119,11 @@ class MARConfig:
     diffloss_d: int = 6  # head depth
     diffloss_w: int = 1024  # head width
     num_sampling_steps: str = "100"
+    # sampling: clamp the head's x0 prediction to [-x0_clip, x0_clip]; None = the reference (no
+    # clamp). At the first reverse step x0 = 2e4 x (x_t - eps): an eps error of 1e-3 becomes 20,
+    # which only a very well trained head avoids; a bound far outside the latents' range (their
+    # largest |value| is ~8 for the project's VAE) removes that blow-up without touching real values.
+    x0_clip: float | None = None
     diffusion_batch_mul: int = 4
     grad_checkpointing: bool = False
 
@@ -132,6 +137,8 @@ class MARConfig:
             raise ValueError(f"mar.patch_size={self.patch_size}: only patch size 1 is supported "
                              "(every released Harmon model uses 1)")
         self.num_sampling_steps = str(self.num_sampling_steps)
+        if self.x0_clip is not None and not self.x0_clip > 0:
+            raise ValueError(f"mar.x0_clip must be a positive number or None, got {self.x0_clip!r}")
 
     @property
     def seq_h(self) -> int:
@@ -300,14 +307,15 @@ def shapeworld() -> HarmonConfig:
 
     16 buffer slots instead of 64: with 64 image tokens, 64 buffers would double every sequence
     (training runs 1.7x faster with 16); the buffers' role (a scratch space every position sees)
-    does not need more slots than the image has tokens."""
+    does not need more slots than the image has tokens. ``x0_clip`` = 10 (see MARConfig) keeps a
+    head trained for hours, not weeks, from blowing up at the first reverse step."""
     return HarmonConfig(
         llm=LLMConfig(vocab_size=512, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024),
         mar=MARConfig(img_size=64, vae_stride=8, encoder_embed_dim=192, encoder_depth=3,
                       encoder_num_heads=6, decoder_embed_dim=192, decoder_depth=3,
                       decoder_num_heads=6, diffloss_d=3, diffloss_w=256, class_num=1,
-                      buffer_size=16),
+                      buffer_size=16, x0_clip=10.0),
         vae=VAEConfig(ch=16, ch_mult=(1, 2, 4, 4), num_res_blocks=1, encoder_attn_resolutions=(8,),
                       resolution=64, groupnorm_groups=8),
         image_size=64,

@@ -168,3 +168,14 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
     shipped = Harmon.from_pretrained(ship(src, tmp_path / "b"), device="cpu")
     assert shipped.provenance == "harmon train (x, step 3); shipped in float16 by harmon.train.ship"
     assert Harmon.from_pretrained("tiny").provenance == ""
+
+
+def test_x0_clip_is_part_of_the_saved_config(tmp_path):
+    from harmon.configs import HarmonConfig, MARConfig
+
+    cfg = tiny()
+    cfg.mar.x0_clip = 10.0
+    assert HarmonConfig.from_dict(cfg.to_dict()).mar.x0_clip == 10.0
+    assert HarmonConfig.from_dict(tiny().to_dict()).mar.x0_clip is None  # the reference: none
+    with pytest.raises(ValueError, match="x0_clip"):
+        MARConfig(x0_clip=0.0)

@@ -115,3 +115,22 @@ def test_ddim_head_sampler_runs_through_generate(tiny_harmon):
     with pytest.raises(ValueError, match="mode='fast'"):
         tiny_harmon.generate("a red circle", steps=2, size=64, head_sampler="ddim",
                              mode="reference")
+
+
+def test_x0_clip_bounds_the_tokens_and_the_fast_head_matches_it():
+    from harmon.configs import tiny
+    from harmon.pipeline import random_model
+
+    cfg = tiny()
+    cfg.mar.x0_clip = 0.5
+    head = random_model(cfg, seed=0).mar.diffloss
+    with torch.no_grad():  # make the random network's predictions large, so the clamp binds
+        head.net.final_layer.linear.weight.normal_(0, 1.0)
+    z = torch.randn(2 * 12, cfg.mar.decoder_embed_dim, generator=torch.Generator().manual_seed(0))
+    ref = head.sample(z, 1.0, 3.0, TorchDraws(torch.Generator().manual_seed(1)))
+    fast = FastHeadSampler(head).sample(z, 1.0, 3.0, TorchDraws(torch.Generator().manual_seed(1)))
+    assert float(ref[:12].abs().max()) <= 0.5 + 1e-6  # the last step returns the clamped x0
+    assert _close(fast, ref[:12])
+    head.x0_clip = None  # unclamped, the same network's tokens are far outside that range
+    loose = head.sample(z, 1.0, 3.0, TorchDraws(torch.Generator().manual_seed(1)))
+    assert float(loose[:12].abs().max()) > 5.0

@@ -61,6 +61,7 @@ class FastHeadSampler:
         self.diffusion = (head.gen_diffusion if num_steps is None else
                           create_diffusion(str(num_steps), head.train_diffusion.num_timesteps))
         self.sampler, self.eta = sampler, float(eta)
+        self.x0_clip = head.x0_clip
         self.budget = modulation_budget
         self._tables: dict = {}
         step = _reverse_step if sampler == "ddpm" else _ddim_step
@@ -144,7 +145,8 @@ class FastHeadSampler:
             # the reference draws noise for its whole (R, C) state; only the first M rows matter
             noise = draws.randn((R, C), device=z.device, dtype=z.dtype)[:M]
             x = self._step(net.input_proj, layers, net.final_layer.linear, mods(k), x,
-                           tab["coefs"][k], noise, float(cfg), float(temperature), k > 0)
+                           tab["coefs"][k], noise, float(cfg), float(temperature), k > 0,
+                           self.x0_clip)
         return x
 
 
@@ -169,12 +171,16 @@ def _network(input_proj, layers, final_linear, mods, x: torch.Tensor, cfg: float
 
 
 def _reverse_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs, noise,
-                  cfg: float, temperature: float, add_noise: bool) -> torch.Tensor:
+                  cfg: float, temperature: float, add_noise: bool,
+                  x0_clip: float | None = None) -> torch.Tensor:
     """One ancestral step on the conditional state x (M, C)."""
     sr, srm1, c1, c2, p, q = coefs
     M, C = x.shape
     eps, out = _network(input_proj, layers, final_linear, mods, x, cfg)
-    mean = c1 * (sr * x - srm1 * eps) + c2 * x
+    x0 = sr * x - srm1 * eps
+    if x0_clip is not None:
+        x0 = x0.clamp(-x0_clip, x0_clip)
+    mean = c1 * x0 + c2 * x
     if not add_noise:
         return mean
     std = torch.exp(out[:M, C:] * q + p)  # exp(0.5 log variance), the conditional rows' own
@@ -182,18 +188,23 @@ def _reverse_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs
 
 
 def _ddim_step(input_proj, layers, final_linear, mods, x: torch.Tensor, coefs, noise,
-               cfg: float, temperature: float, add_noise: bool) -> torch.Tensor:
+               cfg: float, temperature: float, add_noise: bool,
+               x0_clip: float | None = None) -> torch.Tensor:
     """One DDIM step on the conditional state x (M, C)."""
     eps, _ = _network(input_proj, layers, final_linear, mods, x, cfg)
-    return ddim_update(x, eps, coefs, noise, temperature, add_noise)
+    return ddim_update(x, eps, coefs, noise, temperature, add_noise, x0_clip)
 
 
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, coefs, noise: torch.Tensor,
-                temperature: float, add_noise: bool) -> torch.Tensor:
+                temperature: float, add_noise: bool, x0_clip: float | None = None) -> torch.Tensor:
     """x_{t-1} from x_t and the predicted noise (both (M, C)), with the step's DDIM coefficients
-    ``(sqrt(1/ab), sqrt(1/ab - 1), sqrt(ab_prev), sqrt(1 - ab_prev - sigma^2), sigma, sigma)``."""
+    ``(sqrt(1/ab), sqrt(1/ab - 1), sqrt(ab_prev), sqrt(1 - ab_prev - sigma^2), sigma, sigma)``.
+    With ``x0_clip`` the clamped x0 and the noise it implies are used."""
     sr, srm1, a, b, sigma, _ = coefs
     x0 = sr * x - srm1 * eps
+    if x0_clip is not None:
+        x0 = x0.clamp(-x0_clip, x0_clip)
+        eps = (sr * x - x0) / srm1
     x = a * x0 + b * eps
     if add_noise and sigma > 0:
         x = torch.add(x, noise, alpha=sigma * temperature)

@@ -167,12 +167,14 @@ class GaussianDiffusion:
                 + self._extract("posterior_mean_coef2", t, x) * x)
         return mean, self._extract("posterior_log_variance_clipped", t, x)
 
-    def p_mean_variance(self, net_out: torch.Tensor, x: torch.Tensor, t_index) -> dict:
+    def p_mean_variance(self, net_out: torch.Tensor, x: torch.Tensor, t_index,
+                        x0_clip: float | None = None) -> dict:
         """The reverse step p(x_{t-1} | x_t) given the network output.
 
         net_out: (n, 2C) = [eps, v]; x: (n, C) = x_t; t_index: int or (n,) long index into this
-        process's tables (the respaced index for a respaced process).
-        Returns dict of (n, C) tensors: eps, x0 (unclipped), mean, log_variance (learned range).
+        process's tables (the respaced index for a respaced process); x0_clip: clamp x0 to
+        [-x0_clip, x0_clip] before the posterior mean (None: the reference, unclipped).
+        Returns dict of (n, C) tensors: eps, x0, mean, log_variance (learned range).
         """
         C = x.shape[1]
         eps, v = net_out[:, :C], net_out[:, C:]
@@ -182,6 +184,8 @@ class GaussianDiffusion:
         log_variance = frac * max_log + (1 - frac) * min_log
         x0 = (self._extract("sqrt_recip_alphas_cumprod", t_index, x) * x
               - self._extract("sqrt_recipm1_alphas_cumprod", t_index, x) * eps)
+        if x0_clip is not None:
+            x0 = x0.clamp(-x0_clip, x0_clip)
         mean, _ = self.q_posterior(x0, x, t_index)
         return dict(eps=eps, x0=x0, mean=mean, log_variance=log_variance)
 
@@ -206,7 +210,7 @@ class GaussianDiffusion:
         return dict(loss=mse + vb, mse=mse, vb=vb)
 
     def guided_step(self, net: SimpleMLPAdaLN, x: torch.Tensor, k: int, z: torch.Tensor, cfg: float,
-                    temperature: float, noise: torch.Tensor) -> dict:
+                    temperature: float, noise: torch.Tensor, x0_clip: float | None = None) -> dict:
         """One ancestral step at index k (diffusion.md §5-6). x, noise: (n, C); z: (n, D).
 
         With cfg != 1 the batch is [conditional; unconditional] halves and the network runs on the
@@ -218,7 +222,7 @@ class GaussianDiffusion:
                              f"unconditional] rows, got {x.shape[0]} rows")
         t = self._table("timestep_map", x.device)[k].expand(x.shape[0])
         net_out = net(x, t, z) if cfg == 1.0 else net.forward_with_cfg(x, t, z, cfg)
-        p = self.p_mean_variance(net_out, x, k)
+        p = self.p_mean_variance(net_out, x, k, x0_clip)
         if k == 0:
             x_next = p["mean"]  # the last step adds no noise (its draw is still consumed)
         else:
@@ -227,7 +231,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, net: SimpleMLPAdaLN, z: torch.Tensor, cfg: float, temperature: float,
-                      draws) -> torch.Tensor:
+                      draws, x0_clip: float | None = None) -> torch.Tensor:
         """Ancestral sampling over all indices, last to first. z: (n, D) -> tokens (n, C).
 
         With cfg != 1, z is [conditional; unconditional] (n = 2M): the initial noise is drawn for M
@@ -245,7 +249,7 @@ class GaussianDiffusion:
             x = torch.cat([x, x], dim=0)  # the initial noise is not scaled by the temperature
         for k in reversed(range(self.num_timesteps)):
             noise = draws.randn_like(x)
-            x = self.guided_step(net, x, k, z, cfg, temperature, noise)["x_next"]
+            x = self.guided_step(net, x, k, z, cfg, temperature, noise, x0_clip)["x_next"]
         return x
 
 
@@ -265,6 +269,7 @@ class DiffLoss(nn.Module):
             grad_checkpointing=cfg.grad_checkpointing)
         self.train_diffusion = create_diffusion(None)
         self.gen_diffusion = create_diffusion(cfg.num_sampling_steps)
+        self.x0_clip = cfg.x0_clip  # sampling only (see MARConfig.x0_clip)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
                 draws=None) -> torch.Tensor:
@@ -285,4 +290,4 @@ class DiffLoss(nn.Module):
         """Tokens (n, C) for conditions z (n, D); with cfg != 1 only rows 0..n/2-1 are meaningful."""
         if draws is None:
             raise ValueError("DiffLoss.sample needs a draws source (harmon.rng.TorchDraws / ReplayDraws)")
-        return self.gen_diffusion.p_sample_loop(self.net, z, cfg, temperature, draws)
+        return self.gen_diffusion.p_sample_loop(self.net, z, cfg, temperature, draws, self.x0_clip)
