@@ -142,12 +142,19 @@ def expected_shapes(cfg: HarmonConfig) -> dict[str, tuple[int, ...]]:
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> HarmonConfig:
-    """The preset whose parameter shapes match a (VAE-less) Harmon state dict."""
+    """The preset whose parameter shapes match a (VAE-less) Harmon state dict.
+
+    The preset is chosen by the shapes of the keys it knows (at least 90% of its weights present,
+    every one of them of its shape), so a checkpoint with a few extra or missing keys is still
+    recognised and :func:`load_weights` then names those keys.
+    """
+    keys = [k for k in state_dict if not k.startswith("vae.")]
     for name in ("harmon-0.5b", "harmon-1.5b", "tiny"):
         cfg = preset(name)
-        shapes = expected_shapes(cfg)
-        keys = [k for k in state_dict if not k.startswith("vae.")]
-        if keys and all(k in shapes and shapes[k] == tuple(state_dict[k].shape) for k in keys):
+        shapes = {k: v for k, v in expected_shapes(cfg).items() if not k.startswith("vae.")}
+        known = [k for k in keys if k in shapes]
+        if len(known) >= 0.9 * len(shapes) and all(shapes[k] == tuple(state_dict[k].shape)
+                                                    for k in known):
             return cfg
     width = state_dict.get("proj_in.0.weight")
     raise CheckpointError("the checkpoint matches no preset (harmon-0.5b, harmon-1.5b, tiny); "
@@ -179,13 +186,16 @@ def load_weights(model: HarmonModel, state_dict: dict[str, torch.Tensor], *,
         raise CheckpointError(f"{source} does not fit the {model.cfg.name} model: {len(bad)} "
                               f"weight(s) differ in shape, e.g. {k} is {got}, expected {exp}")
     if missing:
+        also = (f"; it also has {len(unexpected)} weight(s) the model does not know, e.g. "
+                f"{unexpected[:8]}" if unexpected else "")
         raise CheckpointError(f"{source} lacks {len(missing)} weight(s) the model needs, e.g. "
-                              f"{missing[:8]}" + _hint(missing, unexpected))
+                              f"{missing[:8]}{also}" + _hint(missing, unexpected))
     if unexpected:
         msg = (f"{source} has {len(unexpected)} weight(s) the model does not know, e.g. "
                f"{unexpected[:8]}")
         if strict:
-            raise CheckpointError(msg + _hint(missing, unexpected))
+            raise CheckpointError(msg + _hint(missing, unexpected)
+                                  + " (strict=False loads it and ignores them)")
         warnings.warn(msg + " (ignored)")
     device = torch.device(device)
     converted = {}

@@ -55,6 +55,16 @@ def _load(args):
     return model
 
 
+def _parse_size(text: str | None) -> int | tuple[int, int] | None:
+    """``--size`` as S or HxW."""
+    if text is None:
+        return None
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--size must be S or HxW in pixels (e.g. 512 or 512x768), got {text!r}")
+    return int(parts[0]) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
 def _output_paths(out: str, count: int) -> list[Path]:
     """``out`` is a .png/.jpg file (numbered when several images) or a directory."""
     p = Path(out)
@@ -69,22 +79,27 @@ def cmd_generate(args) -> int:
     from tqdm import tqdm
 
     model = _load(args)
-    size = args.size
-    if size is not None and "x" in str(size):
-        h, w = (int(v) for v in str(size).lower().split("x"))
-        size = (h, w)
-    elif size is not None:
-        size = int(size)
+    size = _parse_size(args.size)
     total = len(args.prompts) * args.num_images
     paths = _output_paths(args.output, total)
-    bar = tqdm(total=args.steps, desc="generating", unit="step", disable=args.quiet)
+    bars = []  # made at the first step, once the inputs have been checked
+
+    def progress(info):
+        if not bars:
+            bars.append(tqdm(total=info.num_steps, desc="generating", unit="step",
+                             disable=args.quiet))
+        bars[0].update(1)
+
     t0 = time.perf_counter()
-    images = model.generate(args.prompts, num_images_per_prompt=args.num_images, size=size,
-                            steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
-                            temperature=args.temperature, seed=args.seed, mode=args.mode,
-                            head_steps=args.head_steps, head_sampler=args.head_sampler,
-                            head_eta=args.head_eta, on_step=lambda info: bar.update(1))
-    bar.close()
+    try:
+        images = model.generate(args.prompts, num_images_per_prompt=args.num_images, size=size,
+                                steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                                temperature=args.temperature, seed=args.seed, mode=args.mode,
+                                head_steps=args.head_steps, head_sampler=args.head_sampler,
+                                head_eta=args.head_eta, on_step=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     for path, image in zip(paths, images):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
@@ -148,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
     g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
-    g.add_argument("--steps", type=int, default=64, help="masked-generation steps K")
+    g.add_argument("--steps", type=int, default=None,
+                   help="masked-generation steps K (default 64, or the token count if smaller)")
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--mode", default="fast", choices=["fast", "reference"],
                    help="fast (default; the reference's tokens up to float rounding) or reference")

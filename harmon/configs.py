@@ -26,6 +26,14 @@ _IGNORED_QWEN2_KEYS = {
 }
 
 
+def _generic_hf_keys(cls) -> set[str]:
+    """Keys every ``transformers`` config carries (``return_dict``, ``id2label``, ...) that say
+    nothing about the architecture: a ``Qwen2Config.to_dict()`` may be pasted as it is."""
+    from transformers import PretrainedConfig
+
+    return set(PretrainedConfig().to_dict()) - {f.name for f in dataclasses.fields(cls)}
+
+
 def _from_dict(cls, d: dict[str, Any], where: str, ignore: set[str] = frozenset()):
     """Build dataclass ``cls`` from ``d``; unknown keys are an error that names them."""
     if not isinstance(d, dict):
@@ -75,7 +83,7 @@ class LLMConfig:
         d = dict(d)
         if "rope_theta" not in d and isinstance(d.get("rope_parameters"), dict):
             d["rope_theta"] = d["rope_parameters"].get("rope_theta", cls.rope_theta)
-        return _from_dict(cls, d, "llm config", _IGNORED_QWEN2_KEYS)
+        return _from_dict(cls, d, "llm config", _IGNORED_QWEN2_KEYS | _generic_hf_keys(cls))
 
     def to_qwen2(self):
         """The equivalent ``transformers.Qwen2Config`` (sdpa attention, no sliding window)."""

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -47,6 +49,15 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unsupported device type {dev.type!r}; expected cpu, cuda or mps")
     return dev
+
+
+def _size_pair(size) -> tuple[int, int]:
+    """An image size given as S or (H, W) -> (H, W) of Python ints; anything else is an error."""
+    pair = (size, size) if not isinstance(size, (tuple, list)) else tuple(size)
+    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                             for v in pair):
+        raise ValueError(f"size must be an int or a (height, width) pair of ints, got {size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -184,7 +195,8 @@ class Harmon:
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
-                 size: int | tuple[int, int] | None = None, steps: int = 64, cfg: float = 3.0,
+                 size: int | tuple[int, int] | None = None, steps: int | None = None,
+                 cfg: float = 3.0,
                  cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
@@ -196,7 +208,8 @@ class Harmon:
         Args:
             prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
             size: an int (square) or (height, width), multiples of 16; default the model's.
-            steps: K, the number of masked-generation steps (default 64).
+            steps: K, the number of masked-generation steps (default 64, the paper's; at most
+                the number of tokens, which is also the default for images of fewer tokens).
             cfg: guidance scale (>= 1; 1 disables guidance); cfg_schedule "constant" or "linear".
             seed / generator: same seed, same device, same images.
             on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
@@ -216,8 +229,11 @@ class Harmon:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        if cfg < 1:
-            raise ValueError(f"cfg must be >= 1 (1 disables guidance), got {cfg}")
+        if not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or cfg < 1:
+            raise ValueError(f"cfg must be a finite number >= 1 (1 disables guidance), got {cfg!r}")
+        if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+                or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if output not in ("pil", "uint8"):
             raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
         if mode not in ("fast", "reference"):
@@ -227,9 +243,14 @@ class Harmon:
                              "<= 1000")
         if (head_sampler, head_eta) != ("ddpm", 0.0) and mode != "fast":
             raise ValueError("head_sampler / head_eta need mode='fast'")
-        size = size or self.cfg.image_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        h, w = _size_pair(size if size is not None else self.cfg.image_size)
         grid = self.model.grid_for(h, w)
+        if steps is None:
+            steps = min(64, grid[0] * grid[1])
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) \
+                or not 1 <= steps <= grid[0] * grid[1]:
+            raise ValueError(f"steps must be an integer in [1, {grid[0] * grid[1]}] (the image's "
+                             f"{grid[0]}x{grid[1]} tokens), got {steps!r}")
         ids, mask = self._prompt_batch(prompts, num_images_per_prompt, cfg != 1.0)
         draws = TorchDraws(self._generator(seed, generator))
         head = None

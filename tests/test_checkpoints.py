@@ -179,3 +179,30 @@ def test_x0_clip_is_part_of_the_saved_config(tmp_path):
     assert HarmonConfig.from_dict(tiny().to_dict()).mar.x0_clip is None  # the reference: none
     with pytest.raises(ValueError, match="x0_clip"):
         MARConfig(x0_clip=0.0)
+
+
+def test_a_checkpoint_with_extra_and_missing_keys_is_recognised_and_both_are_named(tiny_harmon,
+                                                                                  tmp_path):
+    sd = {k: v.clone() for k, v in tiny_harmon.model.state_dict().items() if not k.startswith("vae.")}
+    sd["mar.extra_table"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "harmon_tiny.pth")
+    torch.save({"model": {k[4:]: v.clone() for k, v in tiny_harmon.model.state_dict().items()
+                          if k.startswith("vae.")}}, tmp_path / "kl16.ckpt")
+    assert infer_config(sd).name == "tiny"  # one unknown key does not hide the preset
+    with pytest.raises(CheckpointError, match=r"does not know.*mar\.extra_table.*strict=False"):
+        load_harmon(tmp_path / "harmon_tiny.pth")
+    with pytest.warns(UserWarning, match="ignored"):
+        assert _same_weights(load_harmon(tmp_path / "harmon_tiny.pth", strict=False),
+                             tiny_harmon.model)
+    del sd["mar.mask_token"]
+    torch.save(sd, tmp_path / "harmon_tiny.pth")
+    with pytest.raises(CheckpointError, match=r"lacks 1 weight.*mar\.mask_token.*also has 1"):
+        load_harmon(tmp_path / "harmon_tiny.pth")
+
+
+def test_an_llm_section_written_by_transformers_is_accepted():
+    from harmon.configs import LLMConfig
+
+    qwen = tiny().llm.to_qwen2().to_dict()  # with return_dict, id2label, ... as transformers writes
+    assert "id2label" in qwen or "return_dict" in qwen
+    assert LLMConfig.from_dict(qwen) == tiny().llm

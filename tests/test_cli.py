@@ -44,7 +44,7 @@ def test_ask_caption_info(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["generate", "a", "--size", "50"], "multiple of 16"),
-    (["generate", "a", "--cfg", "0.5"], "cfg must be >= 1"),
+    (["generate", "a", "--cfg", "0.5"], "cfg must be a finite number >= 1"),
     (["generate", ""], "empty prompt"),
     (["generate", "a", "--device", "quantum"], "unknown device"),
     (["ask", "/no/such.png", "q"], "does not exist"),

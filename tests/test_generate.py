@@ -93,10 +93,15 @@ def test_on_step_sees_every_step(tiny_harmon):
     (dict(prompts=["  "]), "empty prompt"),
     (dict(prompts=["a"], size=40), "multiple of 16"),
     (dict(prompts=["a"], size=(64, 0)), "multiple of 16"),
-    (dict(prompts=["a"], cfg=0.5), "cfg must be >= 1"),
-    (dict(prompts=["a"], steps=0), "num_iter"),
-    (dict(prompts=["a"], steps=17), "num_iter"),
+    (dict(prompts=["a"], cfg=0.5), "cfg must be a finite number >= 1"),
+    (dict(prompts=["a"], cfg=float("nan")), "cfg must be a finite number"),
+    (dict(prompts=["a"], steps=0), r"steps must be an integer in \[1, 16\]"),
+    (dict(prompts=["a"], steps=17), r"steps must be an integer in \[1, 16\]"),
+    (dict(prompts=["a"], steps=4.5), "steps must be an integer"),
+    (dict(prompts=["a"], size=48.0), "size must be an int"),
+    (dict(prompts=["a"], size=(64, 64, 3)), "size must be an int"),
     (dict(prompts=["a"], temperature=0.0), "temperature"),
+    (dict(prompts=["a"], temperature=float("inf")), "temperature"),
     (dict(prompts=["a"], num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prompts=[3]), "must be a string"),
 ])
@@ -110,3 +115,15 @@ def test_overlong_prompt_is_truncated_with_warning(tiny_harmon):
         ids = tiny_harmon.tokenizer.generation_ids("red " * 200)
     assert len(ids) == 128
     assert ids[-3:] == tiny_harmon.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")[-3:]
+
+
+def test_steps_default_to_64_or_the_token_count(tiny_harmon):
+    seen = []
+    tiny_harmon.generate("a", size=64, seed=0, on_step=lambda info: seen.append(info.num_steps))
+    assert seen[0] == 16  # a 4x4 grid: one token a step
+    seen.clear()
+    tiny_harmon.generate("a", size=(128, 160), seed=0, on_step=lambda i: seen.append(i.num_steps))
+    assert seen[0] == 64  # 8x10 tokens: the paper's K
+    import numpy as np
+    assert tiny_harmon.generate("a", size=np.int64(64), steps=np.int64(2), output="uint8").shape \
+        == (1, 64, 64, 3)  # numpy integers are integers
