@@ -15,6 +15,7 @@ model is never held twice in memory (``.pth`` files are memory-mapped).
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -53,13 +54,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return _read_safetensors([path])
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises many types for non-checkpoints
+    except Exception:  # torch raises many types for non-checkpoints; old files cannot be mmapped
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}"
-                                  f": {str(e)[:200]})") from None
+        except Exception as e:
+            raise CheckpointError(_unreadable(path, e)) from None
     return _unwrap(obj, path)
+
+
+def _unreadable(path: Path, e: Exception) -> str:
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        # a pickle with Python objects besides tensors: never executed here
+        return (f"{path} holds Python objects besides tensors (e.g. {found.group(1)}), which "
+                "harmon does not unpickle (weights_only=True). If you trust the file, re-save its "
+                "tensors once: "
+                f"python -c \"import torch; sd = torch.load('{path}', weights_only=False); "
+                f"torch.save({{k: v for k, v in sd.items() if isinstance(v, (dict, torch.Tensor))}}, "
+                f"'{path.with_suffix('.tensors' + path.suffix)}')\"")
+    # torch's weights-only message is a paragraph of advice; its cause is after "error:"
+    cause = text.split("WeightsUnpickler error:")[-1].strip().split("\n")[0] or text[:200]
+    return (f"{path} is not a readable PyTorch or safetensors checkpoint ({type(e).__name__}: "
+            f"{cause[:300]})")
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:

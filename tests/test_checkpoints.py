@@ -108,7 +108,7 @@ def test_missing_files(tiny_harmon, tmp_path):
 def test_corrupt_and_unexpected(tiny_harmon, tmp_path):
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable PyTorch or safetensors checkpoint"):
         read_state_dict(bad)
     pth = _native_files(tiny_harmon.model, tmp_path)
     sd = torch.load(pth, weights_only=True)
@@ -206,3 +206,17 @@ def test_an_llm_section_written_by_transformers_is_accepted():
     qwen = tiny().llm.to_qwen2().to_dict()  # with return_dict, id2label, ... as transformers writes
     assert "id2label" in qwen or "return_dict" in qwen
     assert LLMConfig.from_dict(qwen) == tiny().llm
+
+
+def test_unreadable_and_pickled_object_files_are_explained(tmp_path):
+    import argparse
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pth is not a readable PyTorch") as e:
+        read_state_dict(junk)
+    assert "mmap" not in str(e.value)
+    pickled = tmp_path / "kl16.ckpt"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1)}, pickled)
+    with pytest.raises(CheckpointError, match="Python objects besides tensors.*re-save"):
+        read_state_dict(pickled)
