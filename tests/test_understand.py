@@ -95,3 +95,23 @@ def test_bad_size_and_tokens(tiny_harmon):
         tiny_harmon.answer(im, "q", size=50)
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiny_harmon.answer(im, "q", max_new_tokens=0)
+
+
+def test_decoding_stops_at_the_end_token_per_row(tiny_harmon):
+    # greedy ids without a stop, then the same decoding told that one of them ends the turn:
+    # each row must end just before that id's first occurrence, the other row unaffected by it
+    rng = np.random.default_rng(1)
+    ims = [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    model = tiny_harmon.model
+    pixels = torch.stack([preprocess(im, 64) for im in ims])
+    img = image_embeddings(model, pixels)
+    rows = [tiny_harmon.tokenizer.question_ids(q, img.shape[1]) for q in ("What?", "What?")]  # two images
+    ids, mask = torch.tensor(rows), torch.ones(2, len(rows[0]), dtype=torch.long)
+    assert len(rows[0]) == len(rows[1])
+    embeds = model.splice_images(ids, img, tiny_harmon.tokenizer.image_id)
+    free = decode(model, embeds, mask, eos_id=-1, max_new_tokens=8)
+    eos = free[0][3]
+    stopped = decode(model, embeds, mask, eos_id=eos, max_new_tokens=8)
+    for full, got in zip(free, stopped):
+        assert got == (full[:full.index(eos)] if eos in full else full)
+    assert len(stopped[0]) <= 3
