@@ -8,7 +8,7 @@ README.md`` for the contract. Used by the parity checker (:mod:`harmon.reference
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ class FixtureCase:
     tensors: dict[str, torch.Tensor]
     draw_records: list[dict]
     weights_path: Path
+    handed_out: list[ReplayDraws] = field(default_factory=list)  # every draws() given to a runner
 
     @classmethod
     def load(cls, path: str | Path) -> "FixtureCase":
@@ -58,7 +59,20 @@ class FixtureCase:
         return {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
 
     def draws(self) -> ReplayDraws:
-        return ReplayDraws(self.tensors, self.draw_records)
+        replay = ReplayDraws(self.tensors, self.draw_records)
+        self.handed_out.append(replay)
+        return replay
+
+    def unused_draws(self) -> str | None:
+        """Why the recorded draws were not all replayed, or None when they were: a run that
+        leaves draws over consumed fewer random numbers than the reference did."""
+        if self.draw_records and not self.handed_out:
+            return f"none of its {len(self.draw_records)} recorded draws was replayed"
+        for r in self.handed_out:
+            if not r.exhausted:
+                return (f"replayed {r.position} of its {len(self.draw_records)} recorded draws "
+                        f"(next: {self.draw_records[r.position].get('key')})")
+        return None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]

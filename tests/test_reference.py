@@ -42,6 +42,29 @@ def test_case_that_cannot_run_fails(fixtures_dir, tmp_path, capsys):
     assert "could not run" in capsys.readouterr().out
 
 
+def test_case_without_expected_outputs_fails(fixtures_dir, tmp_path, capsys):
+    shutil.copytree(fixtures_dir / "weights", tmp_path / "weights")
+    shutil.copytree(fixtures_dir / "01_vae", tmp_path / "01_vae")
+    io = tmp_path / "01_vae" / "io.safetensors"
+    save_file({k: v for k, v in load_file(str(io)).items() if not k.startswith("out.")}, str(io))
+    assert main([str(tmp_path)]) == 1
+    assert "no expected output" in capsys.readouterr().out
+
+
+def test_recorded_draws_left_over_fail_the_case(fixtures_dir, tmp_path, capsys):
+    # one more recorded draw than the run consumes: the run drew fewer numbers than the reference
+    shutil.copytree(fixtures_dir / "weights", tmp_path / "weights")
+    case = tmp_path / "04b_diffusion_step"
+    shutil.copytree(fixtures_dir / "04b_diffusion_step", case)
+    cfg = json.loads((case / "config.json").read_text())
+    assert cfg["draws"], "the case records draws"
+    cfg["draws"].append(dict(cfg["draws"][-1]))
+    (case / "config.json").write_text(json.dumps(cfg))
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "BAD draws" in out and "recorded draws" in out
+
+
 def test_missing_directory_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
