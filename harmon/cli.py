@@ -78,10 +78,15 @@ def _output_paths(out: str, count: int) -> list[Path]:
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
-    model = _load(args)
     size = _parse_size(args.size)
     total = len(args.prompts) * args.num_images
     paths = _output_paths(args.output, total)
+    taken = [str(p) for p in paths if p.exists()]
+    if taken and not args.overwrite:
+        raise FileExistsError(f"{taken[0]} already exists"
+                              + (f" (and {len(taken) - 1} more)" if len(taken) > 1 else "")
+                              + "; choose another --output or pass --overwrite")
+    model = _load(args)  # after the cheap checks
     bars = []  # made at the first step, once the inputs have been checked
 
     def progress(info):
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None,
                    help="S or HxW, multiples of the VAE stride (default: the model's size)")
     g.add_argument("-o", "--output", default="harmon.png", help="image file or directory")
+    g.add_argument("--overwrite", action="store_true", help="replace existing image files")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_args(g)
     g.set_defaults(func=cmd_generate)

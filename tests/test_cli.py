@@ -30,6 +30,19 @@ def test_generate_to_directory_and_rectangular(tmp_path):
     assert Image.open(tmp_path / "d" / "00000.png").size == (48, 32)
 
 
+def test_generate_keeps_existing_images_unless_told(tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
+    args = ["generate", "x", "--steps", "2", "--size", "32", "-o", str(out), "--checkpoint", "tiny",
+            "-q"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "mine.png already exists" in err and "--overwrite" in err
+    assert Image.open(out).size == (8, 8)  # untouched
+    assert main(args + ["--overwrite"]) == 0
+    assert Image.open(out).size == (32, 32)
+
+
 def test_ask_caption_info(tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.new("RGB", (50, 30), (255, 0, 0)).save(img)
