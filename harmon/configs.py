@@ -336,7 +336,7 @@ PRESETS = {"tiny": tiny, "harmon-0.5b": harmon_0_5b, "harmon-1.5b": harmon_1_5b,
 
 
 def preset(name: str) -> HarmonConfig:
-    """The preset called ``name`` (``tiny``, ``harmon-0.5b`` or ``harmon-1.5b``)."""
+    """The preset called ``name`` (``tiny``, ``harmon-0.5b``, ``harmon-1.5b`` or ``shapeworld``)."""
     key = name.lower().replace("_", "-")
     if key in ("0.5b", "1.5b"):
         key = "harmon-" + key
