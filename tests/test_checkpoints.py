@@ -220,3 +220,18 @@ def test_unreadable_and_pickled_object_files_are_explained(tmp_path):
     torch.save({"model": {"w": torch.zeros(2)}, "args": argparse.Namespace(lr=1)}, pickled)
     with pytest.raises(CheckpointError, match="Python objects besides tensors.*re-save"):
         read_state_dict(pickled)
+
+
+def test_dtype_names_and_moving_a_loaded_model():
+    from harmon.pipeline import resolve_dtype
+
+    cpu = torch.device("cpu")
+    for name, dt in [("half", torch.float16), ("torch.bfloat16", torch.bfloat16),
+                     ("FP32", torch.float32), (None, torch.float32)]:
+        assert resolve_dtype(name, cpu) == dt
+    with pytest.raises(ValueError, match="unknown dtype 'float8'; expected one of"):
+        resolve_dtype("float8", cpu)
+    model = Harmon.from_pretrained("tiny", device="cpu")
+    assert model.dtype == torch.float32
+    assert model.to(dtype="bf16").dtype == torch.bfloat16 == next(model.model.parameters()).dtype
+    assert model.to("cpu").dtype == torch.bfloat16  # a device alone keeps the dtype
