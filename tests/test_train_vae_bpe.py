@@ -65,5 +65,7 @@ def test_evaluation_runner_on_a_tiny_model(tiny_harmon, tmp_path):
                               steps=4)
     assert 0.0 <= gen["overall"] <= 1.0
     assert len(list(tmp_path.glob("*/samples/*.png"))) == 3
+    cats = gen["categories"]
+    assert sum(c["prompts"] for c in cats.values()) == 3 == sum(c["images"] for c in cats.values())
     vqa = evaluate_understanding(tiny_harmon, n_images=2, progress=False)
     assert set(vqa["per_type"]) >= {"pope", "count"} and 0.0 <= vqa["overall"] <= 1.0

@@ -42,7 +42,12 @@ def evaluate_generation(model, samples: int = 2, batch_size: int = 16, seed: int
     if out_dir is not None:
         write_geneval_folder(out_dir, specs, lambda i, spec: images[spec.prompt])
     results = [judge_image(im, spec) for spec in specs for im in images[spec.prompt]]
-    return summarize(results)
+    summary = summarize(results)
+    for spec in specs:  # prompts per category, beside the images (as evaluate_folder reports)
+        group = summary["heldout"] if spec.split == "heldout" else summary
+        cat = group["categories"][spec.tag]
+        cat["prompts"] = cat.get("prompts", 0) + 1
+    return summary
 
 
 def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size: int = 32,
