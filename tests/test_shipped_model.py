@@ -43,7 +43,7 @@ def test_generation_is_seeded(shipped):
     images = shipped.generate(["a red circle", "two blue squares"], steps=8, seed=0)
     assert [im.size for im in images] == [(64, 64)] * 2
     again = shipped.generate(["a red circle", "two blue squares"], steps=8, seed=0, output="uint8")
-    assert torch.equal(again[0], torch.from_numpy(np.asarray(images[0])))
+    assert torch.equal(again[0], torch.from_numpy(np.array(images[0])))
     other = shipped.generate(["a red circle"], steps=8, seed=1, output="uint8")
     assert not torch.equal(other[0], again[0])
 
