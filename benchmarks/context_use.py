@@ -23,6 +23,7 @@ import torch
 from harmon import Harmon
 from harmon.data.shapeworld import ShapeWorld
 from harmon.rng import TorchDraws
+from harmon.train.vae import shapeworld_batch
 
 HERE = Path(__file__).resolve().parent
 VISIBLE = (0.7, 0.3, 0.1, 0.0)  # fraction of the tokens the model sees
@@ -32,9 +33,7 @@ SCORED = 0.3  # fraction of the tokens whose loss is measured (never visible)
 def scenes(n: int, size: int):
     """(n, 3, size, size) images in [-1, 1] and their short captions."""
     world = ShapeWorld(size=size, seed=7)
-    batch = [world.sample(i) for i in range(n)]
-    pixels = torch.tensor(np.stack([s.render_array() for s in batch])).permute(0, 3, 1, 2)
-    return pixels.float() / 127.5 - 1, [s.caption("short") for s in batch]
+    return shapeworld_batch(world, 0, n), [world.sample(i).caption("short") for i in range(n)]
 
 
 @torch.no_grad()
