@@ -101,7 +101,8 @@ def cmd_generate(args) -> int:
                                 steps=args.steps, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                                 temperature=args.temperature, seed=args.seed, mode=args.mode,
                                 head_steps=args.head_steps, head_sampler=args.head_sampler,
-                                head_eta=args.head_eta, on_step=progress)
+                                head_eta=args.head_eta, compile=args.compile,
+                                on_step=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--mode", default="fast", choices=["fast", "reference"],
                    help="fast (default; the reference's tokens up to float rounding) or reference")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the diffusion head (torch.compile; pays when many images are "
+                        "made in one call: the first compilation takes about a minute on a "
+                        "small CPU, later processes reuse torch's on-disk cache)")
     g.add_argument("--head-steps", type=int, default=None,
                    help="diffusion-head steps (default 100; fewer is faster and approximate)")
     g.add_argument("--head-sampler", default="ddpm", choices=["ddpm", "ddim"],

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .fast.step import FastStep
 from .models.harmon import HarmonModel
 from .models.llm import PromptCache
 
@@ -67,7 +68,7 @@ def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: t
                   grid: tuple[int, int], draws, num_iter: int = 64, cfg: float = 3.0,
                   cfg_schedule: str = "constant", temperature: float = 1.0,
                   on_step: Callable[[StepInfo], None] | None = None,
-                  head_sampler=None) -> torch.Tensor:
+                  head_sampler=None, fast_step: bool = False) -> torch.Tensor:
     """Sample latent tokens.
 
     Args:
@@ -80,6 +81,8 @@ def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: t
         head_sampler: an object with ``sample(z, temperature, cfg, draws)`` replacing the
             reference head sampler (e.g. :class:`harmon.fast.FastHeadSampler`); it may return
             only the conditional rows.
+        fast_step: compute each step's conditions with :class:`harmon.fast.FastStep` (the same
+            z up to float rounding, less work) instead of the reference's ``mar_step``.
     Returns:
         (R, N, 16) final tokens (the unconditional rows equal the conditional ones).
     """
@@ -102,21 +105,26 @@ def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: t
     orders = torch.stack([draws.permutation(N, device=device) for _ in range(R)])  # (R, N)
     if guided:
         orders[P:] = orders[:P]
-    prompt = PromptCache(model.llm, model.embed_text(input_ids.to(device)))
-    text_mask = attention_mask.to(device)
+    if fast_step:
+        step = FastStep(model, input_ids, attention_mask, grid, guided)
+    else:
+        prompt = PromptCache(model.llm, model.embed_text(input_ids.to(device)))
+        text_mask = attention_mask.to(device)
+
+        def step(tokens, mask, to_pred):
+            return model.mar_step(tokens, mask, grid, prompt, text_mask).z[to_pred]
 
     mask = torch.ones(R, N, device=device, dtype=dtype)
     tokens = torch.zeros(R, N, model.cfg.mar.token_dim, device=device, dtype=dtype)
     for k in range(num_iter):
-        z = model.mar_step(tokens, mask, grid, prompt, text_mask).z  # (R, N, D)
         mask_len = _next_mask_len(N, num_iter, k, int(mask[0].sum()))
         mask_next = torch.zeros_like(mask).scatter_(1, orders[:, :mask_len], 1.0)
         if k == num_iter - 1:
             to_pred = mask.bool()
         else:
             to_pred = mask.bool() ^ mask_next.bool()
+        z_to_pred = step(tokens, mask, to_pred)  # (R * p_k, D), row-major
         s = cfg_scale_at(cfg, cfg_schedule, mask_len, N) if guided else 1.0
-        z_to_pred = z[to_pred]  # (R * p_k, D), row-major
         head = head_sampler or model.mar.diffloss
         sampled = head.sample(z_to_pred, temperature, s, draws)
         if guided:

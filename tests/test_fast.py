@@ -53,13 +53,70 @@ def test_fast_tokens_close_to_reference(tiny_harmon):
     assert _close(fast, ref)
 
 
-def test_compiled_head_matches(tiny_harmon):
+@pytest.mark.parametrize("cfg", [3.0, 1.0])
+def test_compiled_head_matches_eager_for_any_number_of_tokens(tiny_harmon, cfg):
+    """One compiled graph per guidance kind serves every row count (one row is padded to two),
+    consumes the same draws and gives the eager sampler's tokens; the temperature and scale are
+    inputs, not constants of the graph."""
     head = tiny_harmon.model.mar.diffloss
-    z = torch.randn(6, head.net.cond_embed.in_features, generator=torch.Generator().manual_seed(1))
-    draws = lambda: TorchDraws(torch.Generator().manual_seed(2))
-    eager = FastHeadSampler(head).sample(z, 1.0, 3.0, draws())
-    compiled = FastHeadSampler(head, compile=True).sample(z, 1.0, 3.0, draws())
-    assert _close(compiled, eager, rel=1e-4)
+    compiled = FastHeadSampler(head, compile=True)
+    groups = 2 if cfg != 1.0 else 1
+    for M, temperature in ((3, 1.0), (1, 0.8), (5, 1.1)):
+        z = torch.randn(groups * M, head.net.cond_embed.in_features,
+                        generator=torch.Generator().manual_seed(M))
+        scale = cfg + 0.5 if cfg != 1.0 and M == 5 else cfg  # a new scale: no recompile
+        d_eager, d_comp = (TorchDraws(torch.Generator().manual_seed(2)) for _ in range(2))
+        eager = FastHeadSampler(head).sample(z, temperature, scale, d_eager)
+        # after the first call, no row count, temperature or scale may recompile the graph
+        with torch._dynamo.config.patch(error_on_recompile=M != 3):
+            out = compiled.sample(z, temperature, scale, d_comp)
+        assert out.shape == (M, 16) and _close(out, eager, rel=1e-4)
+        assert torch.equal(d_comp.generator.get_state(), d_eager.generator.get_state())
+
+
+def test_chunk_length_divides_the_steps():
+    from harmon.fast.head import _chunk_length
+
+    assert [_chunk_length(T) for T in (100, 50, 25, 7, 1, 12)] == [5, 5, 5, 1, 1, 4]
+
+
+@pytest.mark.parametrize("guided", [True, False])
+def test_fast_step_gives_the_reference_conditions(tiny_harmon, guided):
+    """FastStep (encoder once per guided pair, static prompt cache, last decoder block on the
+    revealed rows only) = mar_step(...).z[to_pred], with prompts of different lengths."""
+    from harmon.fast.step import FastStep
+    from harmon.models.llm import PromptCache
+
+    model = tiny_harmon.model
+    ids, am = tiny_harmon._prompt_batch(["a red circle", "two big blue stars on the left"], 1,
+                                        guided)
+    assert len(set(am.sum(1).tolist())) > 1  # right padding is exercised
+    R, grid, N = ids.shape[0], (4, 4), 16
+    g = torch.Generator().manual_seed(0)
+    step = FastStep(model, ids, am, grid, guided)
+    prompt = PromptCache(model.llm, model.embed_text(ids))
+    tokens = torch.randn(R, N, 16, generator=g)
+    if guided:
+        tokens[R // 2:] = tokens[:R // 2]
+    order = torch.randperm(N, generator=g)
+    for masked, revealed in ((16, 1), (10, 3), (3, 3)):  # the same buffers serve every step
+        mask = torch.zeros(R, N)
+        mask[:, order[:masked]] = 1
+        to_pred = torch.zeros(R, N, dtype=torch.bool)
+        to_pred[:, order[:revealed]] = True
+        with torch.no_grad():
+            ref = model.mar_step(tokens, mask, grid, prompt, am).z[to_pred]
+            fast = step(tokens, mask, to_pred)
+        assert fast.shape == ref.shape == (R * revealed, model.cfg.mar.decoder_embed_dim)
+        assert _close(fast, ref, rel=1e-5)
+
+
+def test_fast_generation_equals_reference_with_a_batch_of_prompts(tiny_harmon):
+    kw = dict(steps=8, seed=3, output="uint8", size=64, num_images_per_prompt=2)
+    prompts = ["a red circle", "three small green triangles at the top"]
+    ref = tiny_harmon.generate(prompts, mode="reference", **kw)
+    fast = tiny_harmon.generate(prompts, mode="fast", **kw)
+    assert ref.shape == (4, 64, 64, 3) and (ref.int() - fast.int()).abs().max() <= 1
 
 
 def test_bad_mode(tiny_harmon):
@@ -134,3 +191,13 @@ def test_x0_clip_bounds_the_tokens_and_the_fast_head_matches_it():
     head.x0_clip = None  # unclamped, the same network's tokens are far outside that range
     loose = head.sample(z, 1.0, 3.0, TorchDraws(torch.Generator().manual_seed(1)))
     assert float(loose[:12].abs().max()) > 5.0
+
+
+def test_compile_is_an_option_of_the_fast_mode_and_of_the_commands(tiny_harmon):
+    from harmon.cli import build_parser
+
+    with pytest.raises(ValueError, match="compile=True needs mode='fast'"):
+        tiny_harmon.generate("a", steps=2, mode="reference", compile=True)
+    assert build_parser().parse_args(["generate", "a", "--compile"]).compile
+    assert build_parser().parse_args(["serve", "--compile"]).compile
+    assert not build_parser().parse_args(["generate", "a"]).compile

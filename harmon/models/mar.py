@@ -178,6 +178,19 @@ class MAR(nn.Module):
         x = self._run(self.encoder_blocks, x)
         return self.encoder_norm(x)
 
+    def decoder_input(self, x: torch.Tensor, mask: torch.Tensor,
+                      grid: tuple[int, int]) -> torch.Tensor:
+        """The decoder's input sequence: (B, 64 + n_vis, D_enc) encoder output -> (B, 64 + N,
+        D_dec), embedded, scattered onto the grid (masked slots hold the mask token), plus the
+        decoder's position table."""
+        B, N = mask.shape
+        nb = self.cfg.buffer_size
+        x = self.decoder_embed(x)
+        visible = _visible_with_buffers(mask, nb)
+        full = self.mask_token.to(x.dtype).expand(B, nb + N, -1).clone()  # (B, 64+N, D)
+        full[visible] = x.reshape(-1, x.shape[-1])
+        return full + self.pos_embed(self.decoder_pos_embed_learned, grid, nb).to(x.dtype)
+
     def decode(self, x: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """MAR decoder.
 
@@ -188,14 +201,8 @@ class MAR(nn.Module):
         Returns:
             (B, N, D_dec): one conditioning vector per image token.
         """
-        B, N = mask.shape
         nb = self.cfg.buffer_size
-        x = self.decoder_embed(x)
-        visible = _visible_with_buffers(mask, nb)
-        full = self.mask_token.to(x.dtype).expand(B, nb + N, -1).clone()  # (B, 64+N, D)
-        full[visible] = x.reshape(-1, x.shape[-1])
-        full = full + self.pos_embed(self.decoder_pos_embed_learned, grid, nb).to(x.dtype)
-        full = self._run(self.decoder_blocks, full)
+        full = self._run(self.decoder_blocks, self.decoder_input(x, mask, grid))
         full = self.decoder_norm(full)[:, nb:]  # (B, N, D)
         return full + self.pos_embed(self.diffusion_pos_embed_learned, grid, 0).to(full.dtype)
 

@@ -66,6 +66,7 @@ class ServerSettings:
     max_question_chars: int = 2000
     preview_interval: float = 0.25  # seconds between live previews (each one decodes the VAE)
     preview_side: int = 256  # previews are shrunk to at most this many pixels a side
+    compile: bool = False  # compile the diffusion head (``harmon serve --compile``)
 
 
 class RequestError(Exception):
@@ -436,7 +437,7 @@ class HarmonHandler(BaseHTTPRequestHandler):
                                         steps=req.steps, cfg=req.cfg,
                                         cfg_schedule=req.cfg_schedule,
                                         temperature=req.temperature, seed=req.seed,
-                                        on_step=on_step)
+                                        compile=s.compile, on_step=on_step)
             except ClientGone:
                 return
             except (ValueError, TypeError) as e:
@@ -526,6 +527,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                    help="generation size, a multiple of 16 (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the diffusion head before serving (about a minute on a small "
+                        "CPU, once; every image is faster afterwards)")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
     return p
@@ -541,7 +545,8 @@ def cmd_serve(args) -> int:
         if args.size is not None:
             model.model.grid_for(args.size)
         server = make_server(model, args.host, args.port, log=not args.quiet, steps=args.steps,
-                             size=args.size, max_new_tokens=args.max_new_tokens)
+                             size=args.size, max_new_tokens=args.max_new_tokens,
+                             compile=args.compile)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"harmon: error: {e}", file=sys.stderr)
         return 2
@@ -549,6 +554,10 @@ def cmd_serve(args) -> int:
         print(f"harmon: error: cannot listen on {args.host}:{args.port}: "
               f"{getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
+    if args.compile:
+        print("harmon serve: compiling the diffusion head (once)...", file=sys.stderr)
+        for cfg in (3.0, 1.0):  # one graph with guidance, one without
+            model.generate("warm-up", steps=2, size=args.size, cfg=cfg, compile=True)
     i = model.info()
     print(f"harmon serve: {i['name']} on {i['device']} ({i['dtype']}) at {server.url}  "
           "(Ctrl+C stops)", file=sys.stderr)
