@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fast (default; the reference's tokens up to float rounding) or reference")
     g.add_argument("--compile", action="store_true",
                    help="compile the diffusion head (torch.compile; pays when many images are "
-                        "made in one call: the first compilation takes about a minute on a "
+                        "made in one call: the first compilation takes up to a minute on a "
                         "small CPU, later processes reuse torch's on-disk cache)")
     g.add_argument("--head-steps", type=int, default=None,
                    help="diffusion-head steps (default 100; fewer is faster and approximate)")

@@ -225,7 +225,7 @@ class Harmon:
                 less work per step) or "reference" (the reference algorithm, op for op).
             compile: with mode "fast", compile the diffusion head's reverse process in chunks
                 of steps (``torch.compile``): the same tokens, faster per step, after a one-time
-                compilation (about a minute on a 2-core CPU; torch caches it on disk).
+                compilation (30-50 s on a 2-core CPU; torch caches it on disk).
             head_steps: with mode "fast", the diffusion head's reverse steps (default: the
                 model's 100). Fewer steps are faster and approximate (not the reference's output).
             head_sampler: with mode "fast", "ddpm" (the reference's ancestral update) or "ddim"

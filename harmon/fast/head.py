@@ -16,8 +16,7 @@ operations. This one gives the same tokens (up to float rounding) with far fewer
   each step is folded into the output layer's variance rows, so a step's noise scale is one
   product and one ``exp``;
 - the network runs through ``torch.nn.functional`` and ``addmm`` on pre-transposed weights,
-  without module-call overhead; on a CPU, heads too small for two threads run on one (the
-  synchronisation costs more than the split saves);
+  without module-call overhead;
 - optionally (``compile=True``) the reverse process runs in compiled chunks of up to five
   steps (``torch.compile`` with the C++ wrapper, dynamic in the number of tokens): the same
   tokens with a fraction of the per-operation overhead, after a one-time compilation.
@@ -34,8 +33,6 @@ the same tokens.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -160,21 +157,20 @@ class FastHeadSampler:
             raise ValueError(f"guided sampling needs an even batch of conditions, got {R} rows")
         M = R // 2 if guided else R
         net = self.net
-        C, w = net.in_channels, net.model_channels
-        with _threads_for(z.device, R * w * w):
-            tab = self.tables(z.device, z.dtype)
-            x = draws.randn((M, C), device=z.device, dtype=z.dtype)  # not scaled by temperature
-            c = F.linear(z, net.cond_embed.weight, net.cond_embed.bias)  # (R, w)
-            if self.compile:
-                return self._sample_chunked(x, c, tab, draws, R, cfg, temperature)
-            mods = self._modulations(c, tab["t_emb"], 2 if guided else 1)
-            var_w, var_b = tab["var"]
-            for k in reversed(range(self.diffusion.num_timesteps)):
-                # the reference draws noise for its whole (R, C) state; only M rows matter
-                noise = draws.randn((R, C), device=z.device, dtype=z.dtype)[:M]
-                weights = (*tab["weights"], None if var_w is None else (var_w[k], var_b[k]))
-                x = self._step(weights, mods(k), x, tab["coefs"][k], noise, float(cfg),
-                               float(temperature), k > 0, self.x0_clip)
+        C = net.in_channels
+        tab = self.tables(z.device, z.dtype)
+        x = draws.randn((M, C), device=z.device, dtype=z.dtype)  # not scaled by temperature
+        c = F.linear(z, net.cond_embed.weight, net.cond_embed.bias)  # (R, w)
+        if self.compile:
+            return self._sample_chunked(x, c, tab, draws, R, cfg, temperature)
+        mods = self._modulations(c, tab["t_emb"], 2 if guided else 1)
+        var_w, var_b = tab["var"]
+        for k in reversed(range(self.diffusion.num_timesteps)):
+            # the reference draws noise for its whole (R, C) state; only M rows matter
+            noise = draws.randn((R, C), device=z.device, dtype=z.dtype)[:M]
+            weights = (*tab["weights"], None if var_w is None else (var_w[k], var_b[k]))
+            x = self._step(weights, mods(k), x, tab["coefs"][k], noise, float(cfg),
+                           float(temperature), k > 0, self.x0_clip)
         return x
 
     def _sample_chunked(self, x: torch.Tensor, c: torch.Tensor, tab: dict, draws, R: int,
@@ -251,26 +247,6 @@ def _make_chunk(S: int, step, x0_clip: float | None):
         return x
 
     return chunk
-
-
-# Below this many multiply-adds per linear layer (rows x width^2), the head's matrix products are
-# too small for two threads: the synchronisation costs more than the split saves (measured on a
-# 2-core CPU: 18% faster sampling with one thread at the tiny preset's width 64).
-_SINGLE_THREAD_WORK = 2 ** 18
-
-
-@contextmanager
-def _threads_for(device: torch.device, work: int):
-    """Run with one intra-op thread on CPU when the work per product is tiny."""
-    n = torch.get_num_threads()
-    if device.type != "cpu" or work > _SINGLE_THREAD_WORK or n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _network(weights, mods, x: torch.Tensor, cfg: float):

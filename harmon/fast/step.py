@@ -69,7 +69,12 @@ class FastStep:
         cos, sin = llm.model.rotary_emb(self.kv[0][0], pos)  # (1, total, hd)
         self.cos, self.sin = cos[0], sin[0]
         self.start = self.text_mask.long().sum(dim=1)  # (R,) first position of the image tokens
-        self._mask_cache: dict[int, torch.Tensor] = {}
+        # attention mask of the longest step, (R, 1, 64 + N, L + 64 + N) bool: the prompt's real
+        # tokens, then causal over the image tokens; a step of l tokens reads its [:l, :L + l]
+        l_max = total - L
+        causal = torch.ones(l_max, l_max, dtype=torch.bool, device=device).tril()
+        self.attn_mask = torch.cat([self.text_mask[:, None, None, :].expand(R, 1, l_max, L),
+                                    causal.expand(R, 1, l_max, l_max)], dim=-1)
 
     # ------------------------------------------------------------------------------------------
 
@@ -102,7 +107,7 @@ class FastStep:
         nh, nkv, hd = self.num_heads, self.num_kv, self.head_dim
         idx = self.start[:, None] + torch.arange(l, device=h.device)  # (R, l) positions
         cos, sin = self.cos[idx][:, None].to(h.dtype), self.sin[idx][:, None].to(h.dtype)
-        attn_mask = self._attn_mask(l)
+        attn_mask = self.attn_mask[:, :, :l, :L + l]
         for layer, (kbuf, vbuf) in zip(llm.layers, self.kv):
             a = layer.self_attn
             x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
@@ -120,15 +125,6 @@ class FastStep:
             mlp = layer.mlp
             h = h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
         return _rms_norm(h, llm.norm.weight, self.eps)
-
-    def _attn_mask(self, l: int) -> torch.Tensor:
-        """(R, 1, l, L + l) bool: the prompt's real tokens, then causal over the image tokens."""
-        if l not in self._mask_cache:
-            causal = torch.ones(l, l, dtype=torch.bool, device=self.text_mask.device).tril()
-            R, L = self.text_mask.shape
-            self._mask_cache[l] = torch.cat([self.text_mask[:, None, None, :].expand(R, 1, l, L),
-                                             causal.expand(R, 1, l, l)], dim=-1)
-        return self._mask_cache[l]
 
     def _decode_selected(self, x: torch.Tensor, mask: torch.Tensor,
                          to_pred: torch.Tensor) -> torch.Tensor:

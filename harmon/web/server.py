@@ -528,7 +528,7 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
     p.add_argument("--compile", action="store_true",
-                   help="compile the diffusion head before serving (about a minute on a small "
+                   help="compile the diffusion head before serving (up to a minute on a small "
                         "CPU, once; every image is faster afterwards)")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
