@@ -64,6 +64,9 @@ class FastHeadSampler:
             raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
         self.head = head
         self.net = head.net
+        # the adaLN linears: one per residual block (shift, scale, gate), then the final layer's
+        self.adaln = [b.adaLN_modulation[1] for b in head.net.res_blocks] + [
+            head.net.final_layer.adaLN_modulation[1]]
         self.diffusion = (head.gen_diffusion if num_steps is None else
                           create_diffusion(str(num_steps), head.train_diffusion.num_timesteps))
         self.sampler, self.eta = sampler, float(eta)
@@ -124,11 +127,9 @@ class FastHeadSampler:
         """A function k -> adaLN parameters of step k: per block (shift, 1 + scale, gate), then
         the final layer's (shift, 1 + scale); each (G, M, w) for R = G * M rows of c (G = 2
         with guidance: conditional rows, then unconditional)."""
-        net = self.net
-        blocks = [b.adaLN_modulation[1] for b in net.res_blocks] + [
-            net.final_layer.adaLN_modulation[1]]
+        blocks = self.adaln
         T, (R, w) = t_emb.shape[0], c.shape
-        nbytes = T * R * w * (3 * len(net.res_blocks) + 2) * c.element_size()
+        nbytes = T * R * w * (3 * len(blocks) - 1) * c.element_size()
 
         def per_block(y: torch.Tensor):
             return [_adaln_parts(F.linear(y, lin.weight, lin.bias).unflatten(-2, (groups, -1)),
@@ -205,9 +206,7 @@ class FastHeadSampler:
             self._compiled[S] = torch.compile(_make_chunk(S, self._step, self.x0_clip),
                                               dynamic=True, options={"cpp_wrapper": True})
         run = self._compiled[S]
-        net = self.net
-        blocks = [b.adaLN_modulation[1] for b in net.res_blocks] + [
-            net.final_layer.adaLN_modulation[1]]
+        blocks = self.adaln
         R, w = c.shape
         # the modulations of as many steps as the budget allows in one product per block
         span = max(S, min(T, self.budget // max(1, R * w * (3 * len(blocks)) * c.element_size())

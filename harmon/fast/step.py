@@ -22,10 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from transformers import DynamicCache
-
 from ..models.harmon import HarmonModel
-from ..models.llm import run_body
+from ..models.llm import PromptCache
 
 
 class FastStep:
@@ -53,16 +51,15 @@ class FastStep:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads
         self.eps = cfg.rms_norm_eps
 
-        # prefill exactly as the reference (no mask, positions 0..L-1), then move the keys and
-        # values into buffers that also hold every later step's own (at most 64 + N) positions
-        cache = DynamicCache(config=cfg)
-        run_body(llm, model.embed_text(input_ids.to(device)), cache=cache)
+        # prefill as the reference does, then move the keys and values into buffers that also
+        # hold every later step's own (at most 64 + N) positions
+        prompt = PromptCache(llm, model.embed_text(input_ids.to(device)))
         total = L + model.num_buffers + N
         self.kv = []
-        for layer in cache.layers:
-            k = layer.keys.new_empty(R, self.num_kv, total, self.head_dim)
+        for keys, values in prompt.kv:
+            k = keys.new_empty(R, self.num_kv, total, self.head_dim)
             v = torch.empty_like(k)
-            k[:, :, :L], v[:, :, :L] = layer.keys, layer.values
+            k[:, :, :L], v[:, :, :L] = keys, values
             self.kv.append((k, v))
         # rotary tables of every position a step can use (the prompt's real length onwards)
         pos = torch.arange(total, device=device)[None]
