@@ -63,7 +63,8 @@ def test_ask_caption_info(tmp_path, capsys):
     (["ask", "/no/such.png", "q"], "does not exist"),
     (["generate", "a", "--checkpoint", "/no/model"], "no model at"),
 ])
-def test_errors_are_one_line(argv, match, capsys):
+def test_errors_are_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output ./harmon.png may exist where tests run
     if "--checkpoint" not in argv:
         argv = argv + ["--checkpoint", "tiny"]
     assert main(argv) == 2

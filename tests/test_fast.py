@@ -111,6 +111,31 @@ def test_fast_step_gives_the_reference_conditions(tiny_harmon, guided):
         assert _close(fast, ref, rel=1e-5)
 
 
+def test_fast_step_in_bfloat16_gives_the_reference_conditions():
+    """The GPU default dtype: rotary tables, RMSNorm casts and the mask work in bfloat16."""
+    from harmon import Harmon
+    from harmon.fast.step import FastStep
+    from harmon.models.llm import PromptCache
+
+    h = Harmon.from_pretrained("tiny", dtype="bfloat16", seed=0)
+    model = h.model
+    ids, am = h._prompt_batch(["a red circle", "two big blue stars on the left"], 1, True)
+    R, grid, N = ids.shape[0], (4, 4), 16
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(R, N, 16, generator=g).bfloat16()
+    tokens[R // 2:] = tokens[:R // 2]
+    order = torch.randperm(N, generator=g)
+    mask = torch.zeros(R, N, dtype=torch.bfloat16)
+    mask[:, order[:10]] = 1
+    to_pred = torch.zeros(R, N, dtype=torch.bool)
+    to_pred[:, order[:3]] = True
+    with torch.no_grad():
+        prompt = PromptCache(model.llm, model.embed_text(ids))
+        ref = model.mar_step(tokens, mask, grid, prompt, am).z[to_pred]
+        fast = FastStep(model, ids, am, grid, True)(tokens, mask, to_pred)
+    assert fast.dtype == torch.bfloat16 and _close(fast.float(), ref.float(), rel=1e-2)
+
+
 def test_fast_generation_equals_reference_with_a_batch_of_prompts(tiny_harmon):
     kw = dict(steps=8, seed=3, output="uint8", size=64, num_images_per_prompt=2)
     prompts = ["a red circle", "three small green triangles at the top"]
