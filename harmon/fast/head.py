@@ -20,6 +20,7 @@ operations. This one gives the same tokens (up to float rounding) with far fewer
 - optionally (``compile=True``) the reverse process runs in compiled chunks of up to five
   steps (``torch.compile`` with the C++ wrapper, dynamic in the number of tokens): the same
   tokens with a fraction of the per-operation overhead, after a one-time compilation.
+
 Two approximate options, off by default: fewer reverse steps (``num_steps``: a coarser respacing
 of the same 1000-step process), and a DDIM update (``sampler="ddim"``, Song et al. 2021) in place
 of the ancestral one. DDIM keeps only the network's noise prediction (the learned variance is not
@@ -128,8 +129,8 @@ class FastHeadSampler:
         the final layer's (shift, 1 + scale); each (G, M, w) for R = G * M rows of c (G = 2
         with guidance: conditional rows, then unconditional)."""
         blocks = self.adaln
-        T, (R, w) = t_emb.shape[0], c.shape
-        nbytes = T * R * w * (3 * len(blocks) - 1) * c.element_size()
+        T = t_emb.shape[0]
+        nbytes = T * self._modulation_bytes(c)
 
         def per_block(y: torch.Tensor):
             return [_adaln_parts(F.linear(y, lin.weight, lin.bias).unflatten(-2, (groups, -1)),
@@ -142,6 +143,11 @@ class FastHeadSampler:
             table = [[tuple(p[k] for p in block) for block in steps] for k in range(T)]
             return table.__getitem__
         return lambda k: per_block(F.silu(t_emb[k] + c))
+
+    def _modulation_bytes(self, c: torch.Tensor) -> int:
+        """Bytes of one step's adaLN modulations for conditions c (R, w)."""
+        R, w = c.shape
+        return R * w * (3 * len(self.adaln) - 1) * c.element_size()
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, temperature: float, cfg: float, draws) -> torch.Tensor:
@@ -206,15 +212,13 @@ class FastHeadSampler:
             self._compiled[S] = torch.compile(_make_chunk(S, self._step, self.x0_clip),
                                               dynamic=True, options={"cpp_wrapper": True})
         run = self._compiled[S]
-        blocks = self.adaln
-        R, w = c.shape
-        # the modulations of as many steps as the budget allows in one product per block
-        span = max(S, min(T, self.budget // max(1, R * w * (3 * len(blocks)) * c.element_size())
-                          // S * S))
+        # the modulations of as many steps as the budget allows (a multiple of S) at once
+        span = max(S, min(T, self.budget // self._modulation_bytes(c) // S * S))
         for i in range(0, T, S):
             if i % span == 0:
-                y = F.silu(t_emb[i:i + span, None, :] + c[None])  # (span, R, w)
-                mods = [F.linear(y, lin.weight, lin.bias).unflatten(1, (G, -1)) for lin in blocks]
+                y = F.silu(t_emb[i:i + span, None, :] + c[None])  # (span, rows, w)
+                mods = [F.linear(y, lin.weight, lin.bias).unflatten(1, (G, -1))
+                        for lin in self.adaln]
             j = i % span
             x = run(tab["weights"], [m[j:j + S] for m in mods], x, coefs[i:i + S],
                     noise[i:i + S], None if var is None else (var[0][i:i + S], var[1][i:i + S]),
