@@ -4,7 +4,12 @@ tokens, as the rest of the image is revealed, with and without the caption.
 A model that has learned images' layout predicts a token much better when its neighbours are
 visible; one that has learned only global statistics (the background) gains from the first
 visible tokens and then no more. ShapeWorld scenes (seed 7), 30% of each image's tokens scored,
-the same noise and timesteps for every row of the table.
+the same noise and timesteps for every row of the table. Most scored tokens are background
+(noise texture, unpredictable past its colour), so the loss is also reported on the scored
+tokens that lie inside an object: those a layout-aware model predicts from their neighbours.
+Two more measures follow: the error of object tokens the head *draws* (one step, 0-80% of the
+image visible) against the error of another scene's object token, and how much the decoder's
+first block attends to visible tokens near a masked one.
 
     python benchmarks/context_use.py                           # the shipped model
     python benchmarks/context_use.py --checkpoint runs/shapeworld_model_stage2/final
@@ -36,6 +41,20 @@ def scenes(n: int, size: int):
     return shapeworld_batch(world, 0, n), [world.sample(i).caption("short") for i in range(n)]
 
 
+def object_cells(n: int, grid: tuple[int, int]) -> torch.Tensor:
+    """(n, h*w) 1 where a token's cell centre lies in an object's core (within 0.3 diameters of
+    its centre: inside every shape's outline), else 0; the scenes of :func:`scenes`."""
+    world = ShapeWorld(size=64, seed=7)  # only geometry is read: normalised, independent of size
+    h, w = grid
+    cy, cx = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    cells = torch.zeros(n, h * w)
+    for i in range(n):
+        for o in world.sample(i).objects:
+            inside = torch.hypot(cx - o.x, cy - o.y) < 0.3 * o.diameter
+            cells[i] = torch.maximum(cells[i], inside.flatten().float())
+    return cells
+
+
 @torch.no_grad()
 def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int = 0) -> list[dict]:
     m = model.model.eval()
@@ -47,6 +66,7 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
     orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(model.device)
     scored = torch.zeros(B, N, device=model.device)
     scored.scatter_(1, orders[:, :int(N * SCORED)], 1.0)
+    scored_objects = scored * object_cells(B, grid).to(model.device)
     prompts = {"caption": captions, "none": ["Generate an image."] * B}
     rows = []
     for visible in VISIBLE:
@@ -56,13 +76,91 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
         for name, texts in prompts.items():
             ids, attn = model._prompt_batch(texts, 1, False)[:2]
             z = m.t2i_condition(tokens, masked, grid, m.embed_text(ids), attn)
-            losses = [float(m.mar.diffloss(tokens.reshape(B * N, C), z.reshape(B * N, -1),
-                                           scored.reshape(B * N),
-                                           TorchDraws(torch.Generator(model.device).manual_seed(r))))
-                      for r in range(repeats)]
-            row[f"loss_{name}"] = float(np.mean(losses))
+            which = {"": scored} if name == "none" else {"": scored, "_objects": scored_objects}
+            for suffix, weights in which.items():
+                # the same seeds: every column sees the same timesteps and noise
+                losses = [float(m.mar.diffloss(
+                    tokens.reshape(B * N, C), z.reshape(B * N, -1), weights.reshape(B * N),
+                    TorchDraws(torch.Generator(model.device).manual_seed(r)))) for r in range(repeats)]
+                row[f"loss_{name}{suffix}"] = float(np.mean(losses))
         rows.append(row)
     return rows
+
+
+@torch.no_grad()
+def inpainting_error(model: Harmon, n_images: int = 48, per_image: int = 3,
+                     visible: tuple[float, ...] = (0.0, 0.3, 0.8), seed: int = 0) -> list[dict]:
+    """Sampled-token error on object tokens: ``per_image`` object-core tokens of each scene are
+    masked and drawn once by the head (no guidance, temperature 1) while a ``visible`` fraction of
+    the other tokens is shown. A generator that reads neighbours gets close to the truth with 80%
+    of the image visible; ``shuffled`` is the error of another scene's object token (a draw that
+    knows nothing of this image)."""
+    m = model.model.eval()
+    pixels, captions = scenes(n_images, model.cfg.image_size)
+    tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
+    B, N, C = tokens.shape
+    grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
+    cells = object_cells(B, grid)
+    ids, attn = model._prompt_batch(captions, 1, False)[:2]
+    rows = []
+    for v in visible:
+        g = torch.Generator().manual_seed(seed)
+        scored, masked = torch.zeros(B, N), torch.ones(B, N)
+        for i in range(B):
+            obj = cells[i].nonzero().flatten()
+            scored[i, obj[torch.randperm(len(obj), generator=g)[:per_image]]] = 1
+            rest = (scored[i] == 0).nonzero().flatten()
+            masked[i, rest[torch.randperm(len(rest), generator=g)[:int(v * N)]]] = 0
+        keep = scored.bool().to(model.device)
+        z = m.t2i_condition(tokens, masked.to(model.device), grid, m.embed_text(ids), attn)
+        draws = TorchDraws(torch.Generator(model.device).manual_seed(seed + 1))
+        sampled = m.mar.diffloss.sample(z[keep], 1.0, 1.0, draws)
+        truth = tokens[keep]
+        shuffled = truth[torch.randperm(len(truth), generator=g).to(model.device)]
+        rows.append({"visible": v, "tokens": len(truth),
+                     "mse": float((sampled - truth).pow(2).mean()),
+                     "mse_shuffled": float((shuffled - truth).pow(2).mean())})
+    return rows
+
+
+@torch.no_grad()
+def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.3,
+                          seed: int = 0) -> dict[int, float]:
+    """How much the decoder's first block looks at nearby visible tokens: the attention a masked
+    token gives a visible token at Chebyshev grid distance d, as a multiple of an even share over
+    the visible tokens (heads averaged; 1 = position-blind)."""
+    m = model.model.eval()
+    pixels, captions = scenes(n_images, model.cfg.image_size)
+    tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
+    B, N, _ = tokens.shape
+    grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
+    g = torch.Generator().manual_seed(seed)
+    masked = torch.ones(B, N)
+    for i in range(B):
+        masked[i, torch.randperm(N, generator=g)[:int(visible * N)]] = 0
+    block = m.mar.decoder_blocks[0]
+    seen = {}
+    hook = block.attn.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
+    try:
+        ids, attn = model._prompt_batch(captions, 1, False)[:2]
+        m.t2i_condition(tokens, masked.to(model.device), grid, m.embed_text(ids), attn)
+    finally:
+        hook.remove()
+    x, heads = seen["x"], block.attn.num_heads
+    q, k, _ = block.attn.qkv(x).reshape(B, x.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1).mean(1).cpu()
+    nb, (h, w) = m.cfg.mar.buffer_size, grid
+    r, c = torch.arange(N) // w, torch.arange(N) % w
+    dist = torch.maximum((r[:, None] - r[None]).abs(), (c[:, None] - c[None]).abs())
+    shares: dict[int, list[float]] = {}
+    for i in range(B):
+        vis, msk = (masked[i] == 0).nonzero().flatten(), (masked[i] == 1).nonzero().flatten()
+        sub = weights[i][nb + msk][:, nb + vis]
+        sub = sub / sub.sum(1, keepdim=True) * len(vis)  # 1 = an even share
+        d = dist[msk][:, vis]
+        for dd in d.unique().tolist():
+            shares.setdefault(dd, []).append(float(sub[d == dd].mean()))
+    return {dd: float(np.mean(v)) for dd, v in sorted(shares.items())}
 
 
 def main() -> None:
@@ -75,12 +173,23 @@ def main() -> None:
     model = Harmon.from_pretrained(args.checkpoint, device=args.device)
     rows = context_table(model, args.images)
     print(f"{model.name}: masked diffusion loss on {SCORED:.0%} of the tokens of {args.images} scenes")
-    print(f"{'visible':>8} {'with caption':>13} {'no caption':>11}")
+    print(f"{'visible':>8} {'with caption':>13} {'no caption':>11} {'object tokens':>14}")
     for r in rows:
-        print(f"{r['visible']:>8.0%} {r['loss_caption']:>13.4f} {r['loss_none']:>11.4f}")
+        print(f"{r['visible']:>8.0%} {r['loss_caption']:>13.4f} {r['loss_none']:>11.4f} "
+              f"{r['loss_caption_objects']:>14.4f}")
+    inpaint = inpainting_error(model)
+    print("object tokens drawn by the head (one step, no guidance): squared error per channel")
+    print(f"{'visible':>8} {'sampled':>8} {'another scene':>14}")
+    for r in inpaint:
+        print(f"{r['visible']:>8.0%} {r['mse']:>8.3f} {r['mse_shuffled']:>14.3f}")
+    near = attention_by_distance(model)
+    print("decoder block 0: attention to a visible token at grid distance d (1 = even share)")
+    print("  ".join(f"d={d}: {v:.2f}" for d, v in near.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
-                                           "images": args.images, "rows": rows}, indent=1))
+                                           "images": args.images, "rows": rows,
+                                           "inpainting": inpaint,
+                                           "attention_by_distance": near}, indent=1))
 
 
 if __name__ == "__main__":

@@ -267,6 +267,8 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
         sd = read_state_dict(path)
         if vae is not None:
             sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
+        elif (path / TRAINING_STATE).is_file():
+            sd = _training_checkpoint_weights(path, sd)
     else:
         sd = read_state_dict(path)
         if not any(k.startswith(("llm.", "mar.", "proj_in.", "proj_out.")) for k in sd):
@@ -284,6 +286,39 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
     model = empty_model(cfg)
     load_weights(model, sd, device=device, dtype=dtype, strict=strict, source=str(path))
     return model.eval()
+
+
+TRAINING_STATE = "state.json"  # marks a checkpoint written by harmon.train during a run
+
+
+def _training_checkpoint_weights(path: Path, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training checkpoint (``runs/NAME/checkpoints/step_*``) holds the trained weights, their
+    EMA and no VAE (it never trains). The loaded model is what the run would export at that step:
+    the EMA weights where kept, and the VAE from the file or model the run took it from."""
+    ema = path / "ema.safetensors"
+    if ema.is_file():
+        sd.update(_read_safetensors([ema]))
+    if any(k.startswith("vae.") for k in sd):
+        return sd
+    model_cfg = json.loads((path / TRAINING_STATE).read_text()).get("config", {}).get("model", {})
+    source = model_cfg.get("vae") or model_cfg.get("init")
+    if not source:
+        raise CheckpointError(f"{path} is a training checkpoint without VAE weights, and its run "
+                              "used a random VAE; pass vae=PATH (kl16.ckpt)")
+    if not Path(source).exists():
+        raise CheckpointError(f"{path} is a training checkpoint without VAE weights; its run took "
+                              f"the VAE from {source}, which does not exist from here (paths are "
+                              "relative to where the run started); pass vae=PATH")
+    if model_cfg.get("vae"):
+        return {**sd, **{"vae." + k: v for k, v in read_state_dict(source).items()}}
+    vae_sd = {k: v for k, v in read_state_dict(source).items() if k.startswith("vae.")}
+    beside = Path(source).parent / "kl16.ckpt"  # a native .pth keeps its VAE beside it
+    if not vae_sd and Path(source).is_file() and beside.is_file():
+        vae_sd = {"vae." + k: v for k, v in read_state_dict(beside).items()}
+    if not vae_sd:
+        raise CheckpointError(f"{path} is a training checkpoint without VAE weights, and its "
+                              f"run's init {source} holds none either; pass vae=PATH")
+    return {**sd, **vae_sd}
 
 
 def read_provenance(path: str | Path) -> str:

@@ -440,3 +440,38 @@ def test_summary_of_heldout_only_results_is_valid_json():
     summary = summarize(judge_image(world.scene_for_spec(s, 0).render(), s) for s in specs)
     assert summary["overall"] is None and summary["heldout"]["overall"] == 1.0
     json.dumps(summary, allow_nan=False)
+
+
+def test_context_use_measures(tmp_path):
+    """benchmarks/context_use.py: object cells lie on objects, the inpainting error is finite,
+    and the attention-by-distance measure reads 1 everywhere for a position-blind block."""
+    import torch
+
+    from harmon import Harmon
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "context_use.py"))
+    cells = mod["object_cells"](6, (8, 8))
+    pixels, _ = mod["scenes"](6, 64)
+    for i in range(6):
+        assert cells[i].sum() >= 1
+        # a flagged cell's centre pixel differs from the image's corner (the background)
+        r, c = divmod(int(cells[i].nonzero()[0]), 8)
+        assert (pixels[i, :, 8 * r + 4, 8 * c + 4] - pixels[i, :, 0, 0]).abs().max() > 0.2
+    model = Harmon.from_pretrained()
+    rows = mod["inpainting_error"](model, n_images=4, visible=(0.0, 0.5))
+    assert [r["visible"] for r in rows] == [0.0, 0.5]
+    assert all(r["tokens"] > 0 and 0 < r["mse"] < 1e3 and r["mse_shuffled"] > 0 for r in rows)
+    near = mod["attention_by_distance"](model, n_images=4)
+    assert set(near) <= set(range(1, 8)) and near[1] > near[max(near)]  # the shipped decoder leans near
+    attn = model.model.mar.decoder_blocks[0].attn
+    with torch.no_grad():
+        saved = attn.qkv.weight.clone(), attn.qkv.bias.clone()
+        attn.qkv.weight[:attn.qkv.weight.shape[1]] = 0  # queries carry nothing: even attention
+        attn.qkv.bias[:attn.qkv.weight.shape[1]] = 0
+    try:
+        blind = mod["attention_by_distance"](model, n_images=4)
+    finally:
+        with torch.no_grad():
+            attn.qkv.weight.copy_(saved[0])
+            attn.qkv.bias.copy_(saved[1])
+    assert all(abs(v - 1.0) < 1e-4 for v in blind.values())

@@ -171,3 +171,44 @@ def test_param_groups_decay_rule_and_module_groups():
     set_trainable(model, list(GROUPS))
     with pytest.raises(ValueError, match="nothing to train"):
         param_groups(model, cfg)
+
+
+def test_sincos_positions_are_added_to_the_image_rows_only(tmp_path):
+    """model.sincos_* add a 2-D sin-cos table of the asked row norm to the MAR position tables
+    (buffer rows untouched); the table tells rows and columns apart and is 0 when not asked."""
+    import torch
+
+    from harmon.models.mar import sincos_2d
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    table = sincos_2d(4, 4, 8)
+    assert table.shape == (16, 8)
+    assert torch.allclose(table.norm(dim=1), torch.full((16,), 2.0))  # sqrt(8 / 2)
+    assert torch.cdist(table, table).fill_diagonal_(1.0).min() > 0.1  # every position distinct
+    plain, _, _ = build_model(tiny_config(tmp_path).model)
+    cfg = tiny_config(tmp_path, overrides=["model.sincos_encoder=3.0", "model.sincos_decoder=8"])
+    model, _, source = build_model(cfg.model)
+    assert "sin-cos" in source
+    nb, n = model.cfg.mar.buffer_size, model.cfg.mar.seq_h
+    for name, norm in (("encoder_pos_embed_learned", 3.0), ("decoder_pos_embed_learned", 8.0)):
+        delta = (getattr(model.mar, name) - getattr(plain.mar, name))[0]
+        assert torch.equal(delta[:nb], torch.zeros_like(delta[:nb]))
+        assert torch.allclose(delta[nb:].norm(dim=1), torch.full((n * n,), norm), atol=1e-4)
+        assert torch.allclose(delta[nb:], sincos_2d(n, n, delta.shape[1]) * norm
+                              / delta.shape[1] ** 0.5 * 2 ** 0.5, atol=1e-5)
+    assert torch.equal(model.mar.diffusion_pos_embed_learned, plain.mar.diffusion_pos_embed_learned)
+    with pytest.raises(ValueError, match="row norm must be >= 0"):
+        build_model(tiny_config(tmp_path, overrides=["model.sincos_decoder=-1"]).model)
+
+
+def test_mask_ratio_min_override_reaches_the_model(tmp_path):
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=["model.mask_ratio_min=0.3"]).model)
+    assert model.cfg.mar.mask_ratio_min == 0.3 and "mask ratio from 0.3" in source
+    default, _, _ = build_model(tiny_config(tmp_path).model)
+    assert default.cfg.mar.mask_ratio_min == 0.7
+    with pytest.raises(ValueError, match=r"mask_ratio_min must lie in \[0, 1\]"):
+        tiny_config(tmp_path, overrides=["model.mask_ratio_min=1.5"])

@@ -254,3 +254,33 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
     losses_logged = [(v, s) for t, v, s in writer.scalars if t == "loss"]
     assert [s for _, s in losses_logged] == [1, 2] and writer.flushes == 2
     assert [v for v, _ in losses_logged] == list(losses(tmp_path).values())
+
+
+def test_a_training_checkpoint_loads_as_its_ema_model_with_the_runs_vae(tmp_path):
+    """Harmon.from_pretrained(runs/X/checkpoints/step_N): the EMA weights, the VAE from the run's
+    init; clear errors when the VAE cannot be found."""
+    from safetensors.torch import load_file
+
+    from harmon import Harmon
+    from harmon.checkpoints import CheckpointError
+
+    Trainer(tiny_config(tmp_path / "first", steps=1)).train()  # random VAE: checkpoint has none
+    first = next((tmp_path / "first" / "checkpoints").glob("step_*"))
+    with pytest.raises(CheckpointError, match="random VAE; pass vae=PATH"):
+        Harmon.from_pretrained(first)
+    init = tmp_path / "init"
+    Harmon.from_pretrained("tiny", seed=3).save_pretrained(init)
+    Trainer(tiny_config(tmp_path / "run", steps=2, run={"ema": 0.9},
+                        model={"init": str(init)})).train()
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    model = Harmon.from_pretrained(ckpt).model
+    ema, raw = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    name = "mar.decoder_pos_embed_learned"
+    assert not torch.equal(ema[name], raw[name])
+    assert torch.equal(model.state_dict()[name], ema[name])
+    vae = load_file(str(init / "model.safetensors"))
+    assert torch.equal(model.state_dict()["vae.decoder.conv_out.weight"],
+                       vae["vae.decoder.conv_out.weight"])
+    init.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match="does not exist from here"):
+        Harmon.from_pretrained(ckpt)

@@ -90,6 +90,46 @@ def resize_pos_embed(table: torch.Tensor, grid: tuple[int, int], nominal: int,
     return torch.cat([head, body], dim=1)
 
 
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table (MAE's): half of the channels encode the row, half the
+    column, each as sin and cos of ``dim // 4`` geometric frequencies (periods 2*pi to 2*pi*1e4).
+
+    Returns:
+        (h*w, dim) in raster order; every row has norm sqrt(dim / 2).
+    """
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos table needs a width divisible by 4, got {dim}")
+    freq = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
+                                torch.arange(w, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angle = coord[:, None] * freq[None, :]  # (h*w, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+@torch.no_grad()
+def add_sincos_positions(mar: "MAR", encoder_norm: float, decoder_norm: float) -> None:
+    """Add a 2-D sin-cos table, scaled to the given row norm, to the image rows of the encoder's
+    and the decoder's learned position tables (the buffer rows are left alone).
+
+    Why: the tables start at N(0, 0.02) (row norm ~0.3) and are added to token features of norm
+    ~3 (encoder input) and ~16 (decoder input), so at first attention cannot tell where a token
+    is; a small model trained for a few thousand steps never grows them enough (the shipped
+    model's stayed at row norm ~0.4). Starting them at the features' scale gives layout from
+    step one; they stay learned parameters.
+    """
+    nb, n = mar.cfg.buffer_size, mar.cfg.seq_h
+    for table, norm in ((mar.encoder_pos_embed_learned, encoder_norm),
+                        (mar.decoder_pos_embed_learned, decoder_norm)):
+        if norm < 0:
+            raise ValueError(f"a sin-cos row norm must be >= 0, got {norm}")
+        if norm:
+            sc = sincos_2d(n, n, table.shape[-1])
+            table[0, nb:] += (sc * (norm / sc.norm(dim=1, keepdim=True))).to(table)
+
+
 class MAR(nn.Module):
     """MAR encoder + decoder + diffusion head (``diffloss``), as used inside Harmon."""
 

@@ -42,6 +42,17 @@ class ModelConfig:
     tokenizer: str = ""  # dir with tokenizer.json; "" = init / llm_init dir, else byte-level
     seed: int = 0  # seed of the random initialisation (also of a random VAE)
     dropout: float = 0.1  # MAR attention / projection dropout in training (training.md §1.1)
+    # row norms of 2-D sin-cos tables added to the MAR encoder's / decoder's learned position
+    # tables when the run starts (0 = none; see harmon.models.mar.add_sincos_positions)
+    sincos_encoder: float = 0.0
+    sincos_decoder: float = 0.0
+    # lower end of the t2i mask ratio in training; None = the model's (mar.mask_ratio_min, 0.7 in
+    # MAR). A lower bound shows the generator more of each image, as the late sampling steps do.
+    mask_ratio_min: float | None = None
+
+    def __post_init__(self):
+        if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= 1.0:
+            raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
 
 
 @dataclass

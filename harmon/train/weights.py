@@ -22,7 +22,7 @@ from .. import checkpoints
 from ..configs import preset
 from ..models.harmon import HarmonModel
 from ..models.llm import tie_output_embedding
-from ..models.mar import Attention
+from ..models.mar import Attention, add_sincos_positions
 from ..pipeline import random_model
 from ..tokenizer import HarmonTokenizer, byte_level_tokenizer
 from .config import ModelConfig
@@ -129,6 +129,12 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
         if mc.vae:
             load_vae(model, mc.vae)
     source += f", vae={mc.vae or ('from init' if mc.init else 'random')}"
+    if mc.mask_ratio_min is not None:
+        model.cfg.mar.mask_ratio_min = mc.mask_ratio_min
+        source += f", mask ratio from {mc.mask_ratio_min:g}"
+    if mc.sincos_encoder or mc.sincos_decoder:
+        add_sincos_positions(model.mar, mc.sincos_encoder, mc.sincos_decoder)
+        source += f", sin-cos positions (row norms {mc.sincos_encoder:g} / {mc.sincos_decoder:g})"
     set_dropout(model, mc.dropout)
 
     tok_dir = mc.tokenizer
