@@ -55,6 +55,17 @@ def object_cells(n: int, grid: tuple[int, int]) -> torch.Tensor:
     return cells
 
 
+def encoded_scenes(model: Harmon, n: int):
+    """The scenes of :func:`scenes` as the model sees them: (network in eval mode, latent tokens
+    (n, N, 16), token grid, caption ids, caption mask)."""
+    m = model.model.eval()
+    pixels, captions = scenes(n, model.cfg.image_size)
+    tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
+    grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
+    ids, attn = model._prompt_batch(captions, 1, False)[:2]
+    return m, tokens, grid, ids, attn
+
+
 @torch.no_grad()
 def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int = 0) -> list[dict]:
     m = model.model.eval()
@@ -95,13 +106,9 @@ def inpainting_error(model: Harmon, n_images: int = 48, per_image: int = 3,
     the other tokens is shown. A generator that reads neighbours gets close to the truth with 80%
     of the image visible; ``shuffled`` is the error of another scene's object token (a draw that
     knows nothing of this image)."""
-    m = model.model.eval()
-    pixels, captions = scenes(n_images, model.cfg.image_size)
-    tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
+    m, tokens, grid, ids, attn = encoded_scenes(model, n_images)
     B, N, C = tokens.shape
-    grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
     cells = object_cells(B, grid)
-    ids, attn = model._prompt_batch(captions, 1, False)[:2]
     rows = []
     for v in visible:
         g = torch.Generator().manual_seed(seed)
@@ -129,11 +136,8 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
     """How much the decoder's first block looks at nearby visible tokens: the attention a masked
     token gives a visible token at Chebyshev grid distance d, as a multiple of an even share over
     the visible tokens (heads averaged; 1 = position-blind)."""
-    m = model.model.eval()
-    pixels, captions = scenes(n_images, model.cfg.image_size)
-    tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
+    m, tokens, grid, ids, attn = encoded_scenes(model, n_images)
     B, N, _ = tokens.shape
-    grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
     g = torch.Generator().manual_seed(seed)
     masked = torch.ones(B, N)
     for i in range(B):
@@ -142,7 +146,6 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
     seen = {}
     hook = block.attn.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
     try:
-        ids, attn = model._prompt_batch(captions, 1, False)[:2]
         m.t2i_condition(tokens, masked.to(model.device), grid, m.embed_text(ids), attn)
     finally:
         hook.remove()

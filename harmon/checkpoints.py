@@ -266,7 +266,7 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
         cfg = config or read_config(path)
         sd = read_state_dict(path)
         if vae is not None:
-            sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
+            sd.update(_vae_file_weights(vae))
         elif (path / TRAINING_STATE).is_file():
             sd = _training_checkpoint_weights(path, sd)
     else:
@@ -282,10 +282,15 @@ def load_harmon(path: str | Path, *, vae: str | Path | None = None,
                 raise FileNotFoundError(
                     f"{path.name} holds no VAE weights and no VAE file was found at {vae}; pass "
                     "vae=PATH to kl16.ckpt")
-            sd.update({"vae." + k: v for k, v in read_state_dict(vae).items()})
+            sd.update(_vae_file_weights(vae))
     model = empty_model(cfg)
     load_weights(model, sd, device=device, dtype=dtype, strict=strict, source=str(path))
     return model.eval()
+
+
+def _vae_file_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A VAE file's tensors (kl16.ckpt), under the model's ``vae.`` prefix."""
+    return {"vae." + k: v for k, v in read_state_dict(path).items()}
 
 
 TRAINING_STATE = "state.json"  # marks a checkpoint written by harmon.train during a run
@@ -310,11 +315,11 @@ def _training_checkpoint_weights(path: Path, sd: dict[str, torch.Tensor]) -> dic
                               f"the VAE from {source}, which does not exist from here (paths are "
                               "relative to where the run started); pass vae=PATH")
     if model_cfg.get("vae"):
-        return {**sd, **{"vae." + k: v for k, v in read_state_dict(source).items()}}
+        return {**sd, **_vae_file_weights(source)}
     vae_sd = {k: v for k, v in read_state_dict(source).items() if k.startswith("vae.")}
     beside = Path(source).parent / "kl16.ckpt"  # a native .pth keeps its VAE beside it
     if not vae_sd and Path(source).is_file() and beside.is_file():
-        vae_sd = {"vae." + k: v for k, v in read_state_dict(beside).items()}
+        vae_sd = _vae_file_weights(beside)
     if not vae_sd:
         raise CheckpointError(f"{path} is a training checkpoint without VAE weights, and its "
                               f"run's init {source} holds none either; pass vae=PATH")
