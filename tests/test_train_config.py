@@ -212,3 +212,19 @@ def test_mask_ratio_min_override_reaches_the_model(tmp_path):
     assert default.cfg.mar.mask_ratio_min == 0.7
     with pytest.raises(ValueError, match=r"mask_ratio_min must lie in \[0, 1\]"):
         tiny_config(tmp_path, overrides=["model.mask_ratio_min=1.5"])
+
+
+def test_grad_scale_override_reaches_the_understanding_gradient(tmp_path):
+    from harmon.models.harmon import scale_grad
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=["model.grad_scale=1.0"]).model)
+    assert model.cfg.grad_scale == 1.0 and "understanding gradient x1" in source
+    default, _, _ = build_model(tiny_config(tmp_path).model)
+    assert default.cfg.grad_scale == 0.1  # Harmon's value, kept unless the run says otherwise
+    x = torch.ones(3, requires_grad=True)
+    scale_grad(x, model.cfg.grad_scale).sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))
+    with pytest.raises(ValueError, match=r"grad_scale must lie in \[0, 10\]"):
+        tiny_config(tmp_path, overrides=["model.grad_scale=-1"])

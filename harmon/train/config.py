@@ -49,8 +49,14 @@ class ModelConfig:
     # lower end of the t2i mask ratio in training; None = the model's (mar.mask_ratio_min, 0.7 in
     # MAR). A lower bound shows the generator more of each image, as the late sampling steps do.
     mask_ratio_min: float | None = None
+    # gradient scale of the understanding loss into the visual path (MAR encoder, proj_in); None =
+    # the model's (0.1 in Harmon, which protects pretrained MAR features; a model trained from
+    # scratch may need its encoder to learn what the questions ask about)
+    grad_scale: float | None = None
 
     def __post_init__(self):
+        if self.grad_scale is not None and not 0.0 <= self.grad_scale <= 10.0:
+            raise ValueError(f"model.grad_scale must lie in [0, 10], got {self.grad_scale}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= 1.0:
             raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
 

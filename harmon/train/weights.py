@@ -132,6 +132,9 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
     if mc.mask_ratio_min is not None:
         model.cfg.mar.mask_ratio_min = mc.mask_ratio_min
         source += f", mask ratio from {mc.mask_ratio_min:g}"
+    if mc.grad_scale is not None:
+        model.cfg.grad_scale = mc.grad_scale
+        source += f", understanding gradient x{mc.grad_scale:g} into the visual path"
     if mc.sincos_encoder or mc.sincos_decoder:
         add_sincos_positions(model.mar, mc.sincos_encoder, mc.sincos_decoder)
         source += f", sin-cos positions (row norms {mc.sincos_encoder:g} / {mc.sincos_decoder:g})"
