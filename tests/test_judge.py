@@ -475,3 +475,27 @@ def test_context_use_measures(tmp_path):
             attn.qkv.weight.copy_(saved[0])
             attn.qkv.bias.copy_(saved[1])
     assert all(abs(v - 1.0) < 1e-4 for v in blind.values())
+
+
+def test_understanding_use_measures():
+    """benchmarks/understanding_use.py: the shipped model's answers depend on the image (their
+    loss rises with another scene's), attention shares sum to one and cover every layer,
+    and the sdpa attention is restored afterwards."""
+    from harmon import Harmon
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks"
+                             / "understanding_use.py"))
+    model = Harmon.from_pretrained()
+    loss = mod["answer_loss"](model, 40)
+    n = sum(r["n"] for r in loss.values())
+    assert n == 39 and {"color", "pope"} <= set(loss)
+    right, other = (sum(r[k] * r["n"] for r in loss.values()) / n for k in ("right", "other"))
+    assert other > right + 0.2  # measured 0.73 vs 1.15
+    impl = model.model.llm.config._attn_implementation
+    att = mod["attention_shares"](model, 8)
+    assert model.model.llm.config._attn_implementation == impl
+    for layers in att.values():
+        assert len(layers) == model.model.llm.config.num_hidden_layers
+        for img, ques, rest in layers:
+            assert min(img, ques) >= 0 and rest > -1e-5 and abs(img + ques + rest - 1) < 1e-5
+        assert layers[0][0] > 0.5  # the first layer reads the image
