@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from harmon import Harmon
 from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, ShapeWorld
 from harmon.models.llm import run_body
+from harmon.tokenizer import IM_END, IM_START
 from harmon.train.data import IMAGE_TOKEN_ID, chat_ids, _turns, pad_square
 from harmon.understand import image_embeddings
 
@@ -35,8 +36,8 @@ def questions(model: Harmon, n: int):
     """Per scene: question type, ids (B=1), labels, image embeddings, and the index of the
     position that predicts the first answer token."""
     world = ShapeWorld(size=model.cfg.image_size, seed=999)
-    n_img = model.model.grid_for(model.cfg.image_size)
-    n_img = n_img[0] * n_img[1] + model.model.num_buffers
+    h, w = model.model.grid_for(model.cfg.image_size)
+    n_img = h * w + model.model.num_buffers  # image placeholders: tokens + buffers
     for i in range(n):
         item = world.vqa_item(i, turns=1)
         ids, labels = chat_ids(model.tokenizer, _turns(item["conversations"]), n_img)
@@ -73,7 +74,11 @@ def attention_shares(model: Harmon, n: int) -> dict[str, list[list[float]]]:
     m = model.model
     impl = m.llm.config._attn_implementation
     m.llm.config._attn_implementation = "eager"  # sdpa does not return the weights
-    tail = len(model.tokenizer.encode("\n" + SHORT_ANSWER_PROMPT + "<|im_end|>\n<|im_start|>assistant\n"))
+    # the tokens between the question's words and the answer, as chat_ids writes them (caption
+    # questions carry no short-answer instruction)
+    chat_end = f"{IM_END}\n{IM_START}assistant\n"
+    tails = {True: len(model.tokenizer.encode(f"\n{SHORT_ANSWER_PROMPT}{chat_end}")),
+             False: len(model.tokenizer.encode(chat_end))}
     acc: dict[str, torch.Tensor] = {}
     cnt: dict[str, int] = defaultdict(int)
     try:
@@ -83,6 +88,7 @@ def attention_shares(model: Harmon, n: int) -> dict[str, list[list[float]]]:
             out = m.llm.model(inputs_embeds=emb, attention_mask=torch.ones_like(ids),
                               output_attentions=True)
             is_img = (ids[0, :first + 1] == IMAGE_TOKEN_ID).cpu()
+            tail = tails[SHORT_ANSWER_PROMPT in item["conversations"][0]["value"]]
             q0, q1 = int(is_img.nonzero()[-1]) + 1, first + 1 - tail
             shares = []
             for att in out.attentions:
