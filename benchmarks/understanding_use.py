@@ -33,8 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def questions(model: Harmon, n: int):
-    """Per scene: question type, ids (B=1), labels, image embeddings, and the index of the
-    position that predicts the first answer token."""
+    """Per scene: the VQA item, ids (1, L), labels (L,), the index of the position that predicts
+    the first answer token, and the pixels (1, 3, S, S) in the training transform."""
     world = ShapeWorld(size=model.cfg.image_size, seed=999)
     h, w = model.model.grid_for(model.cfg.image_size)
     n_img = h * w + model.model.num_buffers  # image placeholders: tokens + buffers
@@ -60,8 +60,8 @@ def answer_loss(model: Harmon, n: int) -> dict[str, dict[str, float]]:
             for key, im in (("right", img), ("other", prev)):
                 emb = m.splice_images(ids, im, IMAGE_TOKEN_ID)
                 logits = m.logits(run_body(m.llm, emb, torch.ones_like(ids))[0, first])
-                sums[qtype][key] += float(F.cross_entropy(logits[None].float(),
-                                                          labels[first + 1:first + 2].to(logits.device)))
+                target = labels[first + 1:first + 2].to(logits.device)
+                sums[qtype][key] += float(F.cross_entropy(logits[None].float(), target))
             sums[qtype]["n"] += 1
         prev = img
     return {t: {"right": s["right"] / s["n"], "other": s["other"] / s["n"], "n": s["n"]}
