@@ -499,3 +499,31 @@ def test_understanding_use_measures():
         for img, ques, rest in layers:
             assert min(img, ques) >= 0 and rest > -1e-5 and abs(img + ques + rest - 1) < 1e-5
         assert layers[0][0] > 0.5  # the first layer reads the image
+
+
+def test_shape_probe_measures():
+    """benchmarks/shape_probe.py: labels name the scene's shapes, the latent grid keeps the
+    tokens' row-major order, and a probe learns a problem the features do answer."""
+    from harmon import Harmon
+    from harmon.data.shapeworld import SHAPE_NAMES, ShapeWorld
+    from harmon.train.data import pad_square
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "shape_probe.py"))
+    model = Harmon.from_pretrained()
+    lat, emb, y = mod["features"](model, 12, batch=5)
+    h, w = model.model.grid_for(model.cfg.image_size)
+    assert lat.shape == (12, model.cfg.mar.token_dim, h, w) and y.shape == (12, len(SHAPE_NAMES))
+    assert emb.shape == (12, h * w + model.model.num_buffers, model.model.llm.config.hidden_size)
+    world = ShapeWorld(size=model.cfg.image_size, seed=999)
+    for i in range(12):
+        present = {o.shape for o in world.sample(i).objects}
+        assert {s for s, v in zip(SHAPE_NAMES, y[i]) if v} == present
+    with torch.no_grad():
+        tokens = model.model.encode_images(pad_square(world.sample(3).render(), 64)[None])
+    ratio = lat[3, :, 1, 2] / tokens[0, 1 * w + 2]  # one scale for the whole grid
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+    torch.manual_seed(0)
+    yy = (torch.rand(400, 7) < 0.3).float()
+    xx = yy[:, :, None, None].expand(-1, -1, 2, 2) + 0.3 * torch.randn(400, 7, 2, 2)
+    assert mod["fit_probe"](mod["ConvProbe"](7, width=16), xx, yy, iters=300, lr=3e-3)["accuracy"] > 0.95
+    assert mod["majority"](torch.zeros(10, 7)) == 1.0

@@ -228,3 +228,26 @@ def test_grad_scale_override_reaches_the_understanding_gradient(tmp_path):
     assert torch.equal(x.grad, torch.ones(3))
     with pytest.raises(ValueError, match=r"grad_scale must lie in \[0, 10\]"):
         tiny_config(tmp_path, overrides=["model.grad_scale=-1"])
+
+
+def test_qtype_weights_shape_the_shapeworld_question_stream(tmp_path):
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text().replace(
+        'task = "i2t"', 'task = "i2t"\nqtype_weights = { pope = 3, count = 1 }', 1))
+    cfg = load_config(f)
+    sc = next(s for s in cfg.data.sources if s.task == "i2t")
+    assert sc.qtype_weights == {"pope": 3.0, "count": 1.0}
+    assert load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg  # inline table round trip
+    src = build_source(sc, 64, 0)
+    firsts = [src.item(i)["conversations"][0]["value"] for i in range(60)]
+    pope = sum(q.startswith("<image>\nIs there") or q.startswith("Is there") for q in firsts)
+    count = sum("How many" in q for q in firsts)
+    assert pope + count == 60 and pope > 2 * count  # 3 : 1, and no other type
+    with pytest.raises(ValueError, match=r"unknown question types in qtype_weights \['colour'\]"):
+        load_config(f, ["data.sources.1.qtype_weights={colour = 1}"])
+    with pytest.raises(ValueError, match="shapeworld i2t sources only"):
+        load_config(f, ["data.sources.0.qtype_weights={pope = 1}"])
+    with pytest.raises(ValueError, match="expected a table"):
+        load_config(f, ["data.sources.1.qtype_weights=3"])

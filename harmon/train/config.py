@@ -72,6 +72,9 @@ class SourceConfig:
     weight: int = 1  # integer share among the sources of the same task (interleaved exactly)
     seed: int = 0  # shapeworld: world seed; disk sources: shuffling seed (added to run.seed)
     turns: int = 1  # shapeworld i2t: question-answer turns per conversation
+    # shapeworld i2t: question-type probabilities, e.g. { pope = 2, count = 1 } (unset = the
+    # stream's defaults, harmon.data.shapeworld.DEFAULT_QTYPE_WEIGHTS); a curriculum knob
+    qtype_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -84,6 +87,13 @@ class SourceConfig:
             raise ValueError(f"a {self.kind} data source needs a path")
         if self.weight < 1:
             raise ValueError(f"data source weight must be a positive integer, got {self.weight}")
+        if self.qtype_weights:
+            if (self.kind, self.task) != ("shapeworld", "i2t"):
+                raise ValueError("qtype_weights applies to shapeworld i2t sources only, not to a "
+                                 f"{self.kind} {self.task} source")
+            from ..data.shapeworld import DEFAULT_QTYPE_WEIGHTS, _check_weights
+            self.qtype_weights = _check_weights(self.qtype_weights, list(DEFAULT_QTYPE_WEIGHTS),
+                                                "question types in qtype_weights")
 
 
 @dataclass
@@ -263,6 +273,11 @@ def _convert(value: Any, tp, where: str):
         if not isinstance(value, list):
             raise ValueError(f"config key {where}: expected a list, got {value!r}")
         return [_convert(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, item = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {where}: expected a table such as {{ a = 1 }}, got {value!r}")
+        return {_convert(k, key_tp, where): _convert(v, item, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"config key {where}: expected true or false, got {value!r}")
@@ -379,6 +394,8 @@ def dump_toml(cfg: TrainConfig) -> str:
             return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(v, list):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # inline table: dict fields of array-of-table items
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }" if v else "{}"
         return repr(v)
 
     def table(prefix: str, t: dict):

@@ -166,10 +166,11 @@ class ShapeWorldSource:
 
     synthetic = True  # rendered at the training size: no size / aspect filtering
 
-    def __init__(self, task: str, size: int, seed: int, turns: int = 1):
+    def __init__(self, task: str, size: int, seed: int, turns: int = 1,
+                 qtype_weights: dict[str, float] | None = None):
         from ..data.shapeworld import ShapeWorld
 
-        self.task, self.turns = task, turns
+        self.task, self.turns, self.qtype_weights = task, turns, qtype_weights or None
         self.world = ShapeWorld(size=size, seed=seed)
 
     def num_items(self) -> int | None:
@@ -180,7 +181,7 @@ class ShapeWorldSource:
             it = self.world.t2i_item(i)
             return {"image": it["image"], "caption": it["caption"]}
         if self.task == "i2t":
-            it = self.world.vqa_item(i, turns=self.turns)
+            it = self.world.vqa_item(i, self.qtype_weights, turns=self.turns)
             return {"image": it["image"], "conversations": it["conversations"]}
         caps = self.world.sample(i).captions
         return {"conversations": [
@@ -351,7 +352,7 @@ class TextSource(JsonlSource):
 
 def build_source(sc: SourceConfig, image_size: int, run_seed: int):
     if sc.kind == "shapeworld":
-        return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns)
+        return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns, sc.qtype_weights)
     cls = {"jsonl": JsonlSource, "llava": LlavaSource, "webdataset": WebDatasetSource,
            "text": TextSource}[sc.kind]
     return cls(sc.path, sc.image_root)
