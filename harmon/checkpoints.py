@@ -326,12 +326,20 @@ def _training_checkpoint_weights(path: Path, sd: dict[str, torch.Tensor]) -> dic
     return {**sd, **vae_sd}
 
 
-def read_provenance(path: str | Path) -> str:
-    """The ``trained_by`` note of a directory in our format ("" for anything else)."""
+#: Notes a directory in our format may carry beside its config, and what they say:
+#: ``trained_by`` how the weights were made; ``answer_instruction`` the line the model's training
+#: questions ended with (e.g. LLaVA's short-answer instruction), which ``Harmon.answer`` appends.
+NOTE_KEYS = ("trained_by", "answer_instruction")
+
+
+def read_notes(path: str | Path) -> dict[str, str]:
+    """The notes (:data:`NOTE_KEYS`) of a directory in our format; {} for anything else."""
     if not (Path(path) / CONFIG_FILE).is_file():
-        return ""
+        return {}
     d = _config_json(path)
-    return str(d.get("trained_by", "")) if d.get("format") == "harmon" else ""
+    if d.get("format") != "harmon":
+        return {}
+    return {k: str(d[k]) for k in NOTE_KEYS if d.get(k)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 def cmd_ask(args) -> int:
     model = _load(args)
     print(model.answer(args.image, args.question, max_new_tokens=args.max_new_tokens,
-                       size=args.size)[0])
+                       size=args.size, instruction="" if args.no_instruction else None)[0])
     return 0
 
 
@@ -143,6 +143,9 @@ def cmd_info(args) -> int:
     print(f"model       {info['name']}{'' if info['trained'] else '  (random weights)'}")
     if info["provenance"]:
         print(f"weights     {info['provenance']}")
+    if info["answer_instruction"]:
+        print(f"questions   end with {info['answer_instruction']!r} (harmon ask --no-instruction "
+              "leaves it out)")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
     for k, v in info["parameters"].items():
         print(f"  {k:<22}{v / 1e6:>10.2f} M")
@@ -199,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("question")
     a.add_argument("--max-new-tokens", type=int, default=256)
     a.add_argument("--size", type=int, default=None, help="input resolution (default: model's)")
+    a.add_argument("--no-instruction", action="store_true",
+                   help="ask exactly the question given, without the model's answer instruction "
+                        "(the shipped model's: LLaVA's short-answer line; see harmon info)")
     _add_model_args(a)
     a.set_defaults(func=cmd_ask)
 

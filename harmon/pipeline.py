@@ -90,7 +90,7 @@ class Harmon:
     """A ready-to-use Harmon: ``generate`` images from text and ``answer`` questions on images."""
 
     def __init__(self, model: HarmonModel, tokenizer: HarmonTokenizer, name: str = "harmon",
-                 trained: bool = True, provenance: str = ""):
+                 trained: bool = True, provenance: str = "", answer_instruction: str = ""):
         if tokenizer.vocab_size > model.cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"embedding table only {model.cfg.llm.vocab_size} rows")
@@ -99,6 +99,8 @@ class Harmon:
         self.name = name
         self.trained = trained
         self.provenance = provenance  # how the weights were made ("trained_by" in config.json)
+        # the line the model's training questions ended with; answer() appends it by default
+        self.answer_instruction = answer_instruction
         self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
     # ---- loading and saving ----------------------------------------------------------------
@@ -141,12 +143,15 @@ class Harmon:
         model = checkpoints.load_harmon(path, vae=vae, config=config, device=dev, dtype=dt,
                                         strict=strict)
         tok_dir = Path(tokenizer) if tokenizer else (path if path.is_dir() else path.parent)
+        notes = checkpoints.read_notes(path)
         return cls(model, HarmonTokenizer.from_dir(tok_dir), name=path.name,
-                   provenance=checkpoints.read_provenance(path))
+                   provenance=notes.get("trained_by", ""),
+                   answer_instruction=notes.get("answer_instruction", ""))
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json, model.safetensors and tokenizer.json to ``path``."""
-        extra = {"trained_by": self.provenance} if self.provenance else None
+        extra = {k: v for k, v in (("trained_by", self.provenance),
+                                   ("answer_instruction", self.answer_instruction)) if v}
         return checkpoints.save_pretrained(self.model, path, self.tokenizer, extra_config=extra)
 
     def to(self, device=None, dtype=None) -> "Harmon":
@@ -174,7 +179,7 @@ class Harmon:
         counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
         counts["mar_encoder_decoder"] -= counts["diffusion_head"]
         return {"name": self.name, "trained": self.trained, "provenance": self.provenance,
-                "device": str(self.device),
+                "answer_instruction": self.answer_instruction, "device": str(self.device),
                 "dtype": str(self.model.dtype).replace("torch.", ""),
                 "image_size": self.cfg.image_size, "parameters": counts,
                 "total_parameters": sum(p.numel() for p in self.model.parameters())}
@@ -298,11 +303,16 @@ class Harmon:
     @torch.no_grad()
     def answer(self, images, questions: str | Sequence[str], *, size: int | None = None,
                max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None) -> list[str]:
+               top_p: float = 1.0, seed: int | None = None,
+               instruction: str | None = None) -> list[str]:
         """Answer one question per image (a single question is asked of every image).
 
         Images may be PIL images, paths or (H, W, 3) uint8 arrays. Greedy decoding by default;
-        ``do_sample=True`` samples with ``temperature`` and ``top_p``.
+        ``do_sample=True`` samples with ``temperature`` and ``top_p``. ``instruction`` is
+        appended to each question on a line of its own unless the question already holds it;
+        None means the model's own (:attr:`answer_instruction`: the shipped model's questions
+        were trained with LLaVA's short-answer instruction, and without it it answers with a
+        caption), "" means none: the question exactly as given.
         """
         if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
             images = [images]
@@ -315,6 +325,10 @@ class Harmon:
         if len(questions) != len(images):
             raise ValueError(f"got {len(images)} image(s) but {len(questions)} question(s); pass "
                              "one question per image or a single question for all")
+        extra = self.answer_instruction if instruction is None else instruction
+        if extra:
+            questions = [q if not isinstance(q, str) or not q.strip() or extra in q
+                         else f"{q.rstrip()}\n{extra}" for q in questions]
         size = size or self.cfg.image_size
         self.model.grid_for(size)
         pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
@@ -338,7 +352,8 @@ class Harmon:
         """Describe each image (the reference's demo question)."""
         if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
             images = [images]
-        return self.answer(images, [CAPTION_QUESTION] * len(list(images)), **kwargs)
+        # captions were trained without an answer instruction
+        return self.answer(images, [CAPTION_QUESTION] * len(list(images)), instruction="", **kwargs)
 
     def __repr__(self) -> str:
         i = self.info()

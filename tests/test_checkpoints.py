@@ -162,12 +162,15 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
     from harmon.train.ship import ship
 
     src = Harmon(tiny_harmon.model, tiny_harmon.tokenizer, name="t",
-                 provenance="harmon train (x, step 3)").save_pretrained(tmp_path / "a")
+                 provenance="harmon train (x, step 3)",
+                 answer_instruction="Answer briefly.").save_pretrained(tmp_path / "a")
     loaded = Harmon.from_pretrained(src, device="cpu")
     assert loaded.provenance == "harmon train (x, step 3)" == loaded.info()["provenance"]
     shipped = Harmon.from_pretrained(ship(src, tmp_path / "b"), device="cpu")
     assert shipped.provenance == "harmon train (x, step 3); shipped in float16 by harmon.train.ship"
+    assert loaded.answer_instruction == "Answer briefly." == shipped.answer_instruction
     assert Harmon.from_pretrained("tiny").provenance == ""
+    assert Harmon.from_pretrained("tiny").answer_instruction == ""
 
 
 def test_x0_clip_is_part_of_the_saved_config(tmp_path):

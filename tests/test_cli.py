@@ -82,3 +82,25 @@ def test_every_command_has_help_with_examples(command, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "examples:" in out and f"harmon {' '.join(command)}" in out.split("examples:")[1]
+
+
+def test_ask_adds_the_shipped_models_instruction_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    from harmon import Harmon
+
+    img = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (40, 30, 20)).save(img)
+    asked = []
+    real = Harmon.answer
+
+    def spy(self, images, questions, **kw):
+        asked.append(kw.get("instruction"))
+        return real(self, images, questions, **kw)
+
+    monkeypatch.setattr(Harmon, "answer", spy)
+    assert main(["ask", str(img), "How many objects are there?", "--max-new-tokens", "4"]) == 0
+    assert main(["ask", str(img), "How many objects are there?", "--max-new-tokens", "4",
+                 "--no-instruction"]) == 0
+    assert asked == [None, ""]  # the model's own instruction, then none
+    capsys.readouterr()
+    assert main(["info"]) == 0
+    assert "single word or phrase" in capsys.readouterr().out

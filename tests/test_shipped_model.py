@@ -72,6 +72,19 @@ def test_answers_questions_about_its_world(shipped):
         assert per[qtype]["accuracy"] >= majority + margin, (qtype, per[qtype], majority)
 
 
+def test_questions_get_the_answer_instruction_it_was_trained_with(shipped):
+    from harmon.data.shapeworld import SHORT_ANSWER_PROMPT
+
+    assert shipped.answer_instruction == SHORT_ANSWER_PROMPT
+    image = ShapeWorld(size=64, seed=5).sample(1).render()
+    q = "How many objects are there?"
+    with_it = shipped.answer(image, f"{q}\n{SHORT_ANSWER_PROMPT}", max_new_tokens=24, instruction="")
+    assert shipped.answer(image, q, max_new_tokens=24) == with_it  # appended by default
+    assert shipped.answer(image, f"{q}\n{SHORT_ANSWER_PROMPT}", max_new_tokens=24) == with_it  # once
+    bare = shipped.answer(image, q, max_new_tokens=24, instruction="")[0]
+    assert len(with_it[0].split()) == 1 and len(bare.split()) > 1, (with_it, bare)  # a caption
+
+
 def test_captions_name_what_is_there(shipped):
     scene = ShapeWorld(size=64, seed=5).sample(1)
     caption = shipped.caption(scene.render(), max_new_tokens=40)[0]

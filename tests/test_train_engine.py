@@ -210,7 +210,11 @@ def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
     Trainer(cfg).train()
     from harmon import Harmon
 
+    from harmon.data.shapeworld import SHORT_ANSWER_PROMPT
+
     model = Harmon.from_pretrained(tmp_path / "final", device="cpu")
+    assert model.provenance.startswith("harmon train (") and "step 1)" in model.provenance
+    assert model.answer_instruction == SHORT_ANSWER_PROMPT  # it trained on ShapeWorld questions
     img = model.generate("a red circle", steps=2, size=64, seed=0)[0]
     assert img.size == (64, 64)
     assert (tmp_path / "samples/step_0000001.png").is_file()

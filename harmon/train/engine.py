@@ -42,6 +42,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .. import checkpoints
+from ..data.shapeworld import SHORT_ANSWER_PROMPT
 from ..generate import sample_tokens, to_uint8
 from ..models.harmon import HarmonModel
 from ..rng import TorchDraws
@@ -627,9 +628,11 @@ class Trainer:
         if self.dist.main:
             m = checkpoints.empty_model(self.model.cfg)
             checkpoints.load_weights(m, sd, dtype=torch.float32, source="trained weights")
-            checkpoints.save_pretrained(m, path, self.tokenizer,
-                                        extra_config={"trained_by": f"harmon train ({self.cfg.name}, "
-                                                                    f"step {self.step})"})
+            notes = {"trained_by": f"harmon train ({self.cfg.name}, step {self.step})"}
+            if any(s.kind == "shapeworld" and s.task == "i2t" for s in self.cfg.data.sources):
+                # its questions carry the short-answer line; answer() should add it too
+                notes["answer_instruction"] = SHORT_ANSWER_PROMPT
+            checkpoints.save_pretrained(m, path, self.tokenizer, extra_config=notes)
         self.dist.barrier()
 
 
