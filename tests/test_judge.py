@@ -526,4 +526,6 @@ def test_shape_probe_measures():
     yy = (torch.rand(400, 7) < 0.3).float()
     xx = yy[:, :, None, None].expand(-1, -1, 2, 2) + 0.3 * torch.randn(400, 7, 2, 2)
     assert mod["fit_probe"](mod["ConvProbe"](7, width=16), xx, yy, iters=300, lr=3e-3)["accuracy"] > 0.95
-    assert mod["majority"](torch.zeros(10, 7)) == 1.0
+    assert mod["majority"](torch.zeros(10, 7)) == {"accuracy": 1.0, "all_right": 1.0}
+    half = torch.tensor([[1.0] + [0.0] * 6] * 9 + [[0.0] * 7])  # the held-out row breaks shape 0
+    assert mod["majority"](half) == pytest.approx({"accuracy": 6 / 7, "all_right": 0.0})
