@@ -209,12 +209,15 @@ def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
                                               "judge_images": 2, "vqa_images": 1})
     Trainer(cfg).train()
     from harmon import Harmon
-
     from harmon.data.shapeworld import SHORT_ANSWER_PROMPT
 
     model = Harmon.from_pretrained(tmp_path / "final", device="cpu")
     assert model.provenance.startswith("harmon train (") and "step 1)" in model.provenance
     assert model.answer_instruction == SHORT_ANSWER_PROMPT  # it trained on ShapeWorld questions
+    from harmon.checkpoints import read_notes  # what from_pretrained reads from a checkpoint too
+
+    assert read_notes(tmp_path / "checkpoints" / "step_0000001") == {
+        "trained_by": model.provenance, "answer_instruction": SHORT_ANSWER_PROMPT}
     img = model.generate("a red circle", steps=2, size=64, seed=0)[0]
     assert img.size == (64, 64)
     assert (tmp_path / "samples/step_0000001.png").is_file()

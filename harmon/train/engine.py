@@ -309,7 +309,7 @@ class Trainer:
                 save_file(ema, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(
                 {"format": "harmon", "model": self.model.cfg.to_dict(),
-                 "vae_source": self.cfg.model.vae or self.model_source}, indent=1))
+                 "vae_source": self.cfg.model.vae or self.model_source, **self.notes()}, indent=1))
             self.tokenizer.save(tmp)
             state = {"step": self.step, "next_G": self.next_G, "world_size": d.world,
                      "grad_accum": self.accum, "samples_seen": self.samples_seen,
@@ -615,6 +615,14 @@ class Trainer:
         out["vqa_overall"] = scores["overall"]
         return out
 
+    def notes(self) -> dict[str, str]:
+        """The notes (:data:`harmon.checkpoints.NOTE_KEYS`) of this run's checkpoints and export."""
+        notes = {"trained_by": f"harmon train ({self.cfg.name}, step {self.step})"}
+        if any(s.kind == "shapeworld" and s.task == "i2t" for s in self.cfg.data.sources):
+            # its questions carry the short-answer line; answer() should add it too
+            notes["answer_instruction"] = SHORT_ANSWER_PROMPT
+        return notes
+
     def export(self, path: Path):
         """The whole model (VAE included; EMA weights when kept) as a directory
         :meth:`harmon.Harmon.from_pretrained` loads."""
@@ -628,11 +636,7 @@ class Trainer:
         if self.dist.main:
             m = checkpoints.empty_model(self.model.cfg)
             checkpoints.load_weights(m, sd, dtype=torch.float32, source="trained weights")
-            notes = {"trained_by": f"harmon train ({self.cfg.name}, step {self.step})"}
-            if any(s.kind == "shapeworld" and s.task == "i2t" for s in self.cfg.data.sources):
-                # its questions carry the short-answer line; answer() should add it too
-                notes["answer_instruction"] = SHORT_ANSWER_PROMPT
-            checkpoints.save_pretrained(m, path, self.tokenizer, extra_config=notes)
+            checkpoints.save_pretrained(m, path, self.tokenizer, extra_config=self.notes())
         self.dist.barrier()
 
 
