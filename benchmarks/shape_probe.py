@@ -108,16 +108,20 @@ def fit_probe(net: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, lr: 
         loss.backward()
         opt.step()
     with torch.no_grad():
-        right = (net(x[n_train:]) > 0).float() == y[n_train:]
-    return {"accuracy": float(right.float().mean()), "all_right": float(right.all(1).float().mean()),
-            "train_loss": loss.item(), "seconds": time.perf_counter() - t0}
+        scores = _scores((net(x[n_train:]) > 0).float(), y[n_train:])
+    return {**scores, "train_loss": loss.item(), "seconds": time.perf_counter() - t0}
 
 
 def majority(y: torch.Tensor) -> dict[str, float]:
     """Held-out ``{"accuracy", "all_right"}`` of answering each shape's more frequent training
     label."""
     n_train = int(0.9 * len(y))
-    right = (y[:n_train].mean(0, keepdim=True) > 0.5).float() == y[n_train:]
+    return _scores((y[:n_train].mean(0, keepdim=True) > 0.5).float(), y[n_train:])
+
+
+def _scores(guess: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    # guess broadcasts against y (n, 7): per-shape accuracy and the share of rows wholly right
+    right = guess == y
     return {"accuracy": float(right.float().mean()), "all_right": float(right.all(1).float().mean())}
 
 

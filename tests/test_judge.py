@@ -520,7 +520,7 @@ def test_shape_probe_measures():
         assert {s for s, v in zip(SHAPE_NAMES, y[i]) if v} == present
     with torch.no_grad():
         tokens = model.model.encode_images(pad_square(world.sample(3).render(), 64)[None])
-    ratio = lat[3, :, 1, 2] / tokens[0, 1 * w + 2]  # one scale for the whole grid
+    ratio = lat[3, :, 1, 2] / tokens[0, 1 * w + 2]  # grid cell (1, 2) is token 1 * w + 2, scaled
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
     torch.manual_seed(0)
     yy = (torch.rand(400, 7) < 0.3).float()
