@@ -346,6 +346,20 @@ def read_notes(path: str | Path) -> dict[str, str]:
 # writing
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with the permissions any other new file gets here.
+
+    Why: safetensors creates its files readable by their owner only (0600), so a model saved
+    for a shared install, or one shipped, could not be read by anyone else.
+    """
+    path = Path(path)
+    path.open("wb").close()  # created as open() creates files: 0666 less the umask
+    mode = path.stat().st_mode & 0o777
+    save_file(tensors, str(path), metadata=metadata)
+    path.chmod(mode)
+
+
 def save_pretrained(model: HarmonModel, path: str | Path, tokenizer=None,
                     extra_config: dict | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to a directory.
@@ -360,7 +374,7 @@ def save_pretrained(model: HarmonModel, path: str | Path, tokenizer=None,
         sd.pop("llm.lm_head.weight", None)
     cfg = {"format": "harmon", "model": model.cfg.to_dict(), **(extra_config or {})}
     tmp = path / (MODEL_FILE + ".tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt"})
+    write_safetensors(sd, tmp, metadata={"format": "pt"})
     tmp.replace(path / MODEL_FILE)
     tmp_cfg = path / (CONFIG_FILE + ".tmp")
     tmp_cfg.write_text(json.dumps(cfg, indent=1))

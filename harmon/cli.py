@@ -147,6 +147,9 @@ def cmd_info(args) -> int:
         print(f"questions   end with {info['answer_instruction']!r} (harmon ask --no-instruction "
               "leaves it out)")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
+    if info["local_conv"]:
+        print(f"architecture  with local convolutions of width {info['local_conv']} in the MAR "
+              "(mar.local_conv; not Harmon's)")
     for k, v in info["parameters"].items():
         print(f"  {k:<22}{v / 1e6:>10.2f} M")
     print(f"  {'total':<22}{info['total_parameters'] / 1e6:>10.2f} M")

@@ -134,6 +134,11 @@ class MARConfig:
     x0_clip: float | None = None
     diffusion_batch_mul: int = 4
     grad_checkpointing: bool = False
+    # width of the optional local convolutions over the token grid (see harmon.models.mar.
+    # LocalConv); 0 = none, Harmon's architecture and every released checkpoint. A deviation for
+    # small models trained from little compute: attention learns a shape spread over neighbouring
+    # tokens far more slowly than a 3x3 convolution does (benchmarks/shape_probe.py).
+    local_conv: int = 0
 
     def __post_init__(self):
         for name in ("encoder", "decoder"):
@@ -145,6 +150,10 @@ class MARConfig:
             raise ValueError(f"mar.patch_size={self.patch_size}: only patch size 1 is supported "
                              "(every released Harmon model uses 1)")
         self.num_sampling_steps = str(self.num_sampling_steps)
+        if (isinstance(self.local_conv, bool) or not isinstance(self.local_conv, int)
+                or self.local_conv < 0):
+            raise ValueError(f"mar.local_conv must be an integer >= 0 (0 = none), got "
+                             f"{self.local_conv!r}")
         if self.x0_clip is not None and not self.x0_clip > 0:
             raise ValueError(f"mar.x0_clip must be a positive number or None, got {self.x0_clip!r}")
 

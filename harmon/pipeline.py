@@ -181,7 +181,8 @@ class Harmon:
         return {"name": self.name, "trained": self.trained, "provenance": self.provenance,
                 "answer_instruction": self.answer_instruction, "device": str(self.device),
                 "dtype": str(self.model.dtype).replace("torch.", ""),
-                "image_size": self.cfg.image_size, "parameters": counts,
+                "image_size": self.cfg.image_size, "local_conv": self.cfg.mar.local_conv,
+                "parameters": counts,
                 "total_parameters": sum(p.numel() for p in self.model.parameters())}
 
     # ---- text to image ---------------------------------------------------------------------

@@ -37,6 +37,22 @@ def test_save_and_load_round_trip(tiny_harmon, tmp_path):
     assert loaded.model.llm.lm_head.weight is loaded.model.llm.model.embed_tokens.weight
     a = tiny_harmon.generate("a", steps=3, seed=0, output="uint8")
     assert torch.equal(a, loaded.generate("a", steps=3, seed=0, output="uint8"))
+    # the weights get the permissions of any other new file (safetensors alone writes 0600)
+    mode = lambda name: (tmp_path / "m" / name).stat().st_mode & 0o777
+    assert mode("model.safetensors") == mode("config.json")
+
+
+def test_written_safetensors_follow_the_umask(tmp_path):
+    import os
+
+    from harmon.checkpoints import write_safetensors
+
+    old = os.umask(0o022)
+    try:
+        write_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("drop_lm_head", [False, True])

@@ -7,6 +7,9 @@ reference (timm ViT blocks), so released checkpoints load under the ``mar.`` pre
 
 Position tables are learned for the nominal 16x16 grid; other grids use a bilinear resize of the
 256 image rows (the 64 buffer rows are never resized).
+
+``MARConfig.local_conv`` > 0 adds :class:`LocalConv` paths to the encoder's and the decoder's
+input, an option that is not part of Harmon (and absent from every released checkpoint).
 """
 
 from __future__ import annotations
@@ -130,6 +133,37 @@ def add_sincos_positions(mar: "MAR", encoder_norm: float, decoder_norm: float) -
             table[0, nb:] += (sc * (norm / sc.norm(dim=1, keepdim=True))).to(table)
 
 
+class LocalConv(nn.Module):
+    """Two 3x3 convolutions over the token grid, the second zero-initialised, so that adding the
+    result to a trained model leaves it unchanged until training moves it.
+
+    Not part of Harmon: an option (``MARConfig.local_conv``) for small models trained from little
+    compute. The encoder's copy reads the visible latents (masked ones are zeroed first, so no
+    masked value leaks in) and is added to ``z_proj``'s output; the decoder's reads its input rows
+    (mask tokens included) and is added to them. Each token then sees its 5x5 neighbourhood from
+    the first layer instead of having to learn it through attention.
+    """
+
+    def __init__(self, in_dim: int, width: int, out_dim: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_dim, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, out_dim, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.conv1.reset_parameters()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, h*w, in_dim) in raster order -> (B, h*w, out_dim)."""
+        B, N, C = x.shape
+        h, w = grid
+        g = x.transpose(1, 2).reshape(B, C, h, w)
+        out = self.conv2(F.gelu(self.conv1(g)))
+        return out.flatten(2).transpose(1, 2)
+
+
 class MAR(nn.Module):
     """MAR encoder + decoder + diffusion head (``diffloss``), as used inside Harmon."""
 
@@ -146,6 +180,7 @@ class MAR(nn.Module):
         self.z_proj = nn.Linear(cfg.token_dim, D_enc, bias=True)
         self.z_proj_ln = nn.LayerNorm(D_enc, eps=cfg.norm_eps)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_enc))
+        self.encoder_conv = LocalConv(cfg.token_dim, cfg.local_conv, D_enc) if cfg.local_conv else None
         self.encoder_blocks = nn.ModuleList(
             [block(D_enc, cfg.encoder_num_heads) for _ in range(cfg.encoder_depth)])
         self.encoder_norm = nn.LayerNorm(D_enc, eps=cfg.norm_eps)
@@ -153,6 +188,7 @@ class MAR(nn.Module):
         self.decoder_embed = nn.Linear(D_enc, D_dec, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D_dec))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_dec))
+        self.decoder_conv = LocalConv(D_dec, cfg.local_conv, D_dec) if cfg.local_conv else None
         self.decoder_blocks = nn.ModuleList(
             [block(D_dec, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(D_dec, eps=cfg.norm_eps)
@@ -179,6 +215,22 @@ class MAR(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         self.diffloss.net.initialize_weights()
+        for conv in (self.encoder_conv, self.decoder_conv):
+            if conv is not None:
+                conv.reset_parameters()
+
+    def add_local_conv(self, width: int) -> None:
+        """Give a model without them the zero-initialised local convolutions of ``width`` (its
+        outputs are unchanged until they train); sets ``cfg.local_conv`` so checkpoints record it."""
+        if self.cfg.local_conv:
+            raise ValueError(f"this MAR already has local convolutions (width {self.cfg.local_conv})")
+        if isinstance(width, bool) or not isinstance(width, int) or width <= 0:
+            raise ValueError(f"a local convolution width must be a positive integer, got {width!r}")
+        ref = self.z_proj.weight
+        self.encoder_conv = LocalConv(self.cfg.token_dim, width, self.cfg.encoder_embed_dim).to(ref)
+        self.decoder_conv = LocalConv(self.cfg.decoder_embed_dim, width,
+                                      self.cfg.decoder_embed_dim).to(ref)
+        self.cfg.local_conv = width
 
     def pos_embed(self, table: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
         if self.pos_cache is None:
@@ -209,6 +261,9 @@ class MAR(nn.Module):
         B, N, _ = tokens.shape
         nb = self.cfg.buffer_size
         x = self.z_proj(tokens)  # (B, N, D)
+        if self.encoder_conv is not None:
+            keep = (~mask.bool()).unsqueeze(-1).to(tokens.dtype)
+            x = x + self.encoder_conv(tokens * keep, grid)
         buffers = self.fake_latent.to(x.dtype).expand(B, nb, -1)
         x = torch.cat([buffers, x], dim=1)  # (B, 64+N, D)
         x = x + self.pos_embed(self.encoder_pos_embed_learned, grid, nb).to(x.dtype)
@@ -222,14 +277,18 @@ class MAR(nn.Module):
                       grid: tuple[int, int]) -> torch.Tensor:
         """The decoder's input sequence: (B, 64 + n_vis, D_enc) encoder output -> (B, 64 + N,
         D_dec), embedded, scattered onto the grid (masked slots hold the mask token), plus the
-        decoder's position table."""
+        decoder's position table (and the decoder's local convolution of the image rows, if any)."""
         B, N = mask.shape
         nb = self.cfg.buffer_size
         x = self.decoder_embed(x)
         visible = _visible_with_buffers(mask, nb)
         full = self.mask_token.to(x.dtype).expand(B, nb + N, -1).clone()  # (B, 64+N, D)
         full[visible] = x.reshape(-1, x.shape[-1])
-        return full + self.pos_embed(self.decoder_pos_embed_learned, grid, nb).to(x.dtype)
+        full = full + self.pos_embed(self.decoder_pos_embed_learned, grid, nb).to(x.dtype)
+        if self.decoder_conv is None:
+            return full
+        image = full[:, nb:]
+        return torch.cat([full[:, :nb], image + self.decoder_conv(image, grid)], dim=1)
 
     def decode(self, x: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """MAR decoder.

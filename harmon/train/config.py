@@ -53,8 +53,15 @@ class ModelConfig:
     # the model's (0.1 in Harmon, which protects pretrained MAR features; a model trained from
     # scratch may need its encoder to learn what the questions ask about)
     grad_scale: float | None = None
+    # width of the MAR's optional local convolutions (harmon.models.mar.LocalConv; not Harmon's
+    # architecture): a random start builds them, an init checkpoint without them gets them
+    # zero-initialised (its outputs unchanged at step 0); 0 = whatever the model has
+    local_conv: int = 0
 
     def __post_init__(self):
+        if isinstance(self.local_conv, bool) or not isinstance(self.local_conv, int) \
+                or self.local_conv < 0:
+            raise ValueError(f"model.local_conv must be an integer >= 0, got {self.local_conv!r}")
         if self.grad_scale is not None and not 0.0 <= self.grad_scale <= 10.0:
             raise ValueError(f"model.grad_scale must lie in [0, 10], got {self.grad_scale}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= 1.0:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import checkpoints
 from ..data.shapeworld import SHORT_ANSWER_PROMPT
@@ -303,10 +303,10 @@ class Trainer:
             for stale in self.ckpt_dir.glob(".tmp_step_*"):  # left by a crash mid-save
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            checkpoints.write_safetensors(sd, tmp / "model.safetensors", metadata={"format": "pt"})
             torch.save(osd, tmp / "optimizer.pt")
             if ema is not None:
-                save_file(ema, str(tmp / "ema.safetensors"), metadata={"format": "pt"})
+                checkpoints.write_safetensors(ema, tmp / "ema.safetensors", metadata={"format": "pt"})
             (tmp / "config.json").write_text(json.dumps(
                 {"format": "harmon", "model": self.model.cfg.to_dict(),
                  "vae_source": self.cfg.model.vae or self.model_source, **self.notes()}, indent=1))

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..checkpoints import write_safetensors
 from ..configs import VAEConfig
 from ..models.vae import AutoencoderKL
 from ..rng import TorchDraws
@@ -166,8 +167,8 @@ def evaluate_vae(model: AutoencoderKL, world, n: int = 64) -> float:
 
 
 def write_vae(model: AutoencoderKL, vae_cfg: VAEConfig, scale: float, out: Path) -> None:
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(out / "vae.safetensors"))
+    write_safetensors({k: v.contiguous() for k, v in model.state_dict().items()},
+                      out / "vae.safetensors")
     d = asdict(vae_cfg)
     (out / "vae_config.json").write_text(json.dumps({"vae": d, "vae_scale": round(scale, 5)},
                                                     indent=1))

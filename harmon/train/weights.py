@@ -118,7 +118,10 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
             raise ValueError("model.llm_init / model.mar_init only apply to a random start; with "
                              "model.init the whole model comes from that checkpoint")
     else:
-        model = random_model(preset(mc.preset), seed=mc.seed)
+        cfg = preset(mc.preset)
+        if mc.local_conv:
+            cfg.mar.local_conv = mc.local_conv
+        model = random_model(cfg, seed=mc.seed)
         source = f"preset={mc.preset} (random, seed {mc.seed})"
         if mc.llm_init:
             load_llm(model, mc.llm_init)
@@ -138,6 +141,14 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
     if mc.sincos_encoder or mc.sincos_decoder:
         add_sincos_positions(model.mar, mc.sincos_encoder, mc.sincos_decoder)
         source += f", sin-cos positions (row norms {mc.sincos_encoder:g} / {mc.sincos_decoder:g})"
+    if mc.local_conv and model.cfg.mar.local_conv != mc.local_conv:
+        if model.cfg.mar.local_conv:
+            raise ValueError(f"model.local_conv={mc.local_conv} but {mc.init} already has local "
+                             f"convolutions of width {model.cfg.mar.local_conv}")
+        model.mar.add_local_conv(mc.local_conv)
+        source += f", local convolutions of width {mc.local_conv} added (zero-initialised)"
+    elif model.cfg.mar.local_conv:
+        source += f", local convolutions of width {model.cfg.mar.local_conv}"
     set_dropout(model, mc.dropout)
 
     tok_dir = mc.tokenizer
