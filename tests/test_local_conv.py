@@ -165,3 +165,26 @@ def test_info_names_the_local_convolutions(tmp_path, capsys):
     assert main(["info", "--checkpoint", str(path)]) == 0
     assert "local convolutions of width 8" in capsys.readouterr().out
     assert Harmon.from_pretrained("tiny").info()["local_conv"] == 0
+
+
+def test_a_mar_checkpoint_loads_into_a_model_with_local_convolutions(tmp_path):
+    """model.mar_init (a MAR .pth, which never holds them) with model.local_conv: every MAR
+    weight comes from the file, the convolutions keep their initialisation (last layer zero);
+    a file that lacks a real MAR weight is still refused."""
+    from harmon.checkpoints import CheckpointError
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    mar_sd = random_model(preset("tiny"), seed=7).mar.state_dict()
+    torch.save({"model_ema": mar_sd}, tmp_path / "mar.pth")
+    cfg = tiny_config(tmp_path, overrides=[f"model.mar_init={tmp_path / 'mar.pth'}",
+                                           "model.local_conv=8"])
+    model, _, _ = build_model(cfg.model)
+    own = model.mar.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in mar_sd.items())
+    assert torch.equal(model.mar.encoder_conv.conv2.weight,
+                       torch.zeros_like(model.mar.encoder_conv.conv2.weight))
+    torch.save({"model_ema": {k: v for k, v in mar_sd.items() if k != "z_proj.weight"}},
+               tmp_path / "mar.pth")
+    with pytest.raises(CheckpointError, match="z_proj.weight"):
+        build_model(cfg.model)

@@ -77,7 +77,8 @@ def load_mar(model: HarmonModel, path: str) -> None:
                 break
         sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     sd = {k.removeprefix("module.").removeprefix("mar."): v for k, v in sd.items()}
-    _load_part(model.mar, sd, "MAR", path)
+    # MAR checkpoints never hold the optional local convolutions: those keep their initialisation
+    _load_part(model.mar, sd, "MAR", path, optional=("encoder_conv.", "decoder_conv."))
 
 
 def load_vae(model: HarmonModel, path: str) -> None:
