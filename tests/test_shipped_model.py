@@ -15,9 +15,10 @@ from harmon.eval.vqa import build_vqa_eval_set, evaluate_vqa
 from harmon.pipeline import SHIPPED_MODEL_DIR
 
 LIMIT = 16 * 2 ** 20
-# accuracy the shipped model must add to the majority answer of each question type; measured
-# margins are 0.15-0.28 (docs/model_card.md). POPE and position questions are at chance.
-MARGINS = {"count": 0.1, "color": 0.1, "shape": 0.1}
+# accuracy the shipped model must add to the majority answer of each question type, well below
+# the margins measured on these 30 scenes (count 0.48, colour 0.63, shape 0.84, POPE 0.39;
+# docs/model_card.md). Position questions are at chance.
+MARGINS = {"count": 0.3, "color": 0.4, "shape": 0.5, "pope": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_generated_images_take_the_asked_colour(shipped):
 
 def test_answers_questions_about_its_world(shipped):
     # better than always giving each question type's most frequent answer
-    items = build_vqa_eval_set(30, size=64, seed=3, qtypes=["count", "color", "shape"])
+    items = build_vqa_eval_set(30, size=64, seed=3, qtypes=list(MARGINS))
     preds = shipped.answer([it.scene.render() for it in items], [it.question for it in items],
                            max_new_tokens=6)
     per = evaluate_vqa(items, preds)["per_type"]
