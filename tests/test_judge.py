@@ -529,3 +529,29 @@ def test_shape_probe_measures():
     assert mod["majority"](torch.zeros(10, 7)) == {"accuracy": 1.0, "all_right": 1.0}
     half = torch.tensor([[1.0] + [0.0] * 6] * 9 + [[0.0] * 7])  # the held-out row breaks shape 0
     assert mod["majority"](half) == pytest.approx({"accuracy": 6 / 7, "all_right": 0.0})
+
+
+def test_guidance_sweep_passes_each_setting_through(capsys):
+    """benchmarks/guidance_sweep.py: one row per setting, each the judge summary that
+    evaluate_generation gives for exactly those settings (same prompts, same seeds)."""
+    from harmon import Harmon
+    from harmon.eval.model_eval import evaluate_generation
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "guidance_sweep.py"))
+    model = Harmon.from_pretrained()
+    calls, generate = [], model.generate
+
+    def recording_generate(prompts, **kw):
+        calls.append((kw["cfg"], kw["cfg_schedule"], kw["temperature"], kw["steps"], kw["seed"]))
+        return generate(prompts, **kw)
+
+    model.generate = recording_generate
+    settings = [(1.0, "constant", 1.0, 8), (4.0, "linear", 0.5, 4)]
+    rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2)
+    assert calls == [s + (5,) for s in settings]  # one batch of 2 prompts per setting
+    assert [(r["cfg"], r["cfg_schedule"], r["temperature"], r["steps"]) for r in rows] == settings
+    assert [r["images"] for r in rows] == [2, 2]
+    direct = evaluate_generation(model, samples=1, seed=5, limit=2, progress=False, cfg=4.0,
+                                 cfg_schedule="linear", temperature=0.5, steps=4)
+    assert rows[1]["summary"] == direct
+    assert "cfg    4 linear" in capsys.readouterr().out

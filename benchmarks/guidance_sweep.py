@@ -1,0 +1,88 @@
+"""The ShapeWorld judge's scores as the sampling settings change: guidance scale and its schedule,
+temperature and number of steps, one setting per row, the same prompts and seeds in every row.
+
+Papers report FID against the guidance scale as a curve; this is that curve for the judge, so a
+model's default settings are chosen from a measurement. Every evaluation prompt of both splits
+(``--limit N``: the first N only), ``--samples`` images each, judged as ``harmon eval model``
+does; the time per image is measured on the same run (batches of 16 prompts).
+
+    python benchmarks/guidance_sweep.py                                  # the shipped model
+    python benchmarks/guidance_sweep.py --cfg 3 5 --cfg-schedule constant linear --temperature 0.8 1
+    python benchmarks/guidance_sweep.py --checkpoint runs/X/final --limit 60 --out /tmp/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from harmon import Harmon
+from harmon.data.shapeworld import GENEVAL_TAGS
+from harmon.eval.model_eval import evaluate_generation
+
+HERE = Path(__file__).resolve().parent
+SHORT = {"single_object": "single", "two_object": "two", "counting": "count", "colors": "colour",
+         "position": "pos", "color_attr": "attr"}
+
+
+def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples: int, seed: int,
+          limit: int | None) -> list[dict]:
+    """One row per ``(cfg, cfg_schedule, temperature, steps)``: the judge's summary and seconds per image."""
+    rows = []
+    for cfg, schedule, temperature, steps in settings:
+        t0 = time.perf_counter()
+        summary = evaluate_generation(model, samples=samples, seed=seed, limit=limit, progress=False,
+                                      cfg=cfg, cfg_schedule=schedule, temperature=temperature,
+                                      steps=steps)
+        seconds = time.perf_counter() - t0
+        n = summary["images"] + summary.get("heldout", {}).get("images", 0)
+        rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps, "summary": summary,
+                     "images": n, "seconds_per_image": seconds / max(n, 1)})
+        print_row(rows[-1])
+    return rows
+
+
+def print_row(row: dict) -> None:
+    s = row["summary"]
+    cats = s["categories"]
+    held = s.get("heldout", {}).get("overall")
+    parts = [f"{SHORT[t]} {cats[t]['correct']:>3}/{cats[t]['images']:<3}" for t in GENEVAL_TAGS
+             if t in cats]
+    overall = "-" if s["overall"] is None else f"{s['overall']:.3f}"
+    print(f"cfg {row['cfg']:>4g} {row['cfg_schedule']:<8}  temp {row['temperature']:>4g}  steps {row['steps']:>3}  "
+          f"overall {overall}  held-out {'-' if held is None else f'{held:.3f}'}  "
+          + "  ".join(parts) + f"  {row['seconds_per_image']:.2f} s/image", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="model directory or preset (default: shipped)")
+    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
+    p.add_argument("--cfg-schedule", nargs="+", default=["constant"], choices=["constant", "linear"])
+    p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    p.add_argument("--steps", type=int, nargs="+", default=[64])
+    p.add_argument("--samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "guidance_sweep.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = Harmon.from_pretrained(args.checkpoint)
+    settings = list(itertools.product(args.cfg, args.cfg_schedule, args.temperature, args.steps))
+    print(f"{model.name}: {len(settings)} settings, {args.samples} image(s) per prompt, seed {args.seed}")
+    rows = sweep(model, settings, args.samples, args.seed, args.limit)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"model": model.name, "samples": args.samples, "seed": args.seed,
+                                          "limit": args.limit, "threads": args.threads, "rows": rows},
+                                         indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
