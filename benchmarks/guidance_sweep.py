@@ -1,8 +1,8 @@
 """The ShapeWorld judge's scores as the sampling settings change: guidance scale and its schedule,
 temperature and number of steps, one setting per row, the same prompts and seeds in every row.
 
-Papers report FID against the guidance scale as a curve; this is that curve for the judge, so a
-model's default settings are chosen from a measurement. Every evaluation prompt of both splits
+Papers report FID against the guidance scale as a curve; this is that curve for the judge, so that a
+model's default settings can be chosen from a measurement. Every evaluation prompt of both splits
 (``--limit N``: the first N only), ``--samples`` images each, judged as ``harmon eval model``
 does; the time per image is measured on the same run (batches of 16 prompts).
 
@@ -41,8 +41,8 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples:
                                       steps=steps)
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
-        rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps, "summary": summary,
-                     "images": n, "seconds_per_image": seconds / max(n, 1)})
+        rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
+                     "summary": summary, "images": n, "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
     return rows
 
