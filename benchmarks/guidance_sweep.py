@@ -31,8 +31,10 @@ SHORT = {"single_object": "single", "two_object": "two", "counting": "count", "c
 
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples: int, seed: int,
-          limit: int | None) -> list[dict]:
-    """One row per ``(cfg, cfg_schedule, temperature, steps)``: the judge's summary and seconds per image."""
+          limit: int | None, on_row=None) -> list[dict]:
+    """One row per ``(cfg, cfg_schedule, temperature, steps)``: the judge's summary and seconds per
+    image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON there, so a sweep
+    stopped half-way keeps the rows it measured)."""
     rows = []
     for cfg, schedule, temperature, steps in settings:
         t0 = time.perf_counter()
@@ -44,6 +46,8 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples:
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
                      "summary": summary, "images": n, "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -76,12 +80,16 @@ def main() -> None:
     model = Harmon.from_pretrained(args.checkpoint)
     settings = list(itertools.product(args.cfg, args.cfg_schedule, args.temperature, args.steps))
     print(f"{model.name}: {len(settings)} settings, {args.samples} image(s) per prompt, seed {args.seed}")
-    rows = sweep(model, settings, args.samples, args.seed, args.limit)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"model": model.name, "samples": args.samples, "seed": args.seed,
-                                          "limit": args.limit, "threads": args.threads, "rows": rows},
-                                         indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(rows: list[dict]) -> None:
+        out.write_text(json.dumps({"model": model.name, "provenance": model.provenance,
+                                   "samples": args.samples, "seed": args.seed, "limit": args.limit,
+                                   "threads": args.threads, "rows": rows}, indent=1) + "\n")
+
+    sweep(model, settings, args.samples, args.seed, args.limit, on_row=write)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from PIL import Image
 from harmon.data import HELDOUT_PAIRS, ObjectReq, PromptSpec, ShapeWorld, degrade
 from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, SHAPE_NAMES
 from harmon.data.shapeworld import GENEVAL_TAGS, noun_phrase
-from harmon.eval import (ImageLoadError, build_vqa_eval_set, detect, eval_prompts, evaluate_vqa, exact_match,
+from harmon.eval import (FAILURE_KINDS, Detection, ImageLoadError, build_vqa_eval_set, check_spec, detect,
+                         eval_prompts, evaluate_vqa, exact_match, first_failure, judge_detections,
                          judge_image, load_image, normalize_answer, parse_yes_no, pope_metrics,
                          read_metadata_jsonl, summarize, write_reference_folder)
 from harmon.eval.judge import label_components, to_rgb_array
-from harmon.eval.shapes_cli import add_eval_shapes_command
+from harmon.eval.shapes_cli import add_eval_shapes_command, format_table
 
 CONDITIONS = {"clean": (0.0, 0.0), "blur": (1.0, 0.0), "noise": (0.0, 12.0), "blur+noise": (1.0, 12.0)}
 
@@ -216,6 +217,44 @@ def test_reasons_name_the_failed_criterion():
     assert judge_image(img3, two).reason == "expected fewer than 3 star(s), found 3"
 
 
+def _det(shape, color, box):
+    return Detection(shape, color, box, 0.02, 0.1, 5.0)
+
+
+def test_failures_are_filed_by_the_first_criterion_they_fail():
+    spec = PromptSpec("position", "a red circle left of a blue square",
+                      (ObjectReq("circle", 1, "red", position=("left of", 1)), ObjectReq("square", 1, "blue")),
+                      (ObjectReq("star", 1),))
+    circle, square = _det("circle", "red", (0.1, 0.4, 0.3, 0.6)), _det("square", "blue", (0.7, 0.4, 0.9, 0.6))
+    assert first_failure([circle, square], spec) == (None, "ok")
+    cases = {"shape": [circle],  # no square at all
+             "colour": [circle, _det("square", "green", square.bbox)],
+             "position": [dataclasses.replace(circle, bbox=square.bbox),
+                          dataclasses.replace(square, bbox=circle.bbox)],
+             "extra": [circle, square, _det("star", "white", (0.4, 0.1, 0.5, 0.2))]}
+    for kind, dets in cases.items():
+        got, reason = first_failure(dets, spec)
+        assert got == kind and check_spec(dets, spec) == (False, reason)
+        assert judge_detections(dets, spec).failure == kind
+    # a blob of no known shape counts as an object, not as the asked shape
+    assert first_failure([circle, _det(None, "blue", square.bbox)], spec)[0] == "shape"
+
+
+def test_summary_counts_failures_objects_and_unrecognised_shapes():
+    spec = PromptSpec("two_object", "a circle and a square", (ObjectReq("circle"), ObjectReq("square")))
+    circle, square = _det("circle", "red", (0.1, 0.1, 0.3, 0.3)), _det("square", "blue", (0.6, 0.6, 0.9, 0.9))
+    blob = _det(None, "blue", (0.6, 0.6, 0.9, 0.9))
+    results = [judge_detections(d, spec) for d in ([circle, square], [circle, blob], [blob], [])]
+    cat = summarize(results)["categories"]["two_object"]
+    assert cat["correct"] == 1 and cat["failures"] == {"shape": 3, "colour": 0, "position": 0, "extra": 0}
+    assert cat["objects"] == 5 and cat["unrecognised"] == 2
+    table = format_table(summarize(results))
+    assert all(k in table for k in FAILURE_KINDS) and "no shape" in table
+    row = next(line for line in table.splitlines() if line.startswith("two_object"))
+    # (prompts per category are counted where prompts are known: evaluate_folder, eval model)
+    assert row.split()[1:] == ["0", "4", "1", "0.2500", "3", "0", "0", "0", "5", "2"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Pieces and inputs
 
@@ -361,7 +400,8 @@ def test_eval_shapes_cli_on_reference_images(tmp_path, capsys):
     for tag in GENEVAL_TAGS:
         assert tag in out
     lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.strip()}
-    assert lines["single_object"][1:] == ["2", "4", "4", "1.0000"]
+    # no failure of any kind, one object per image, every one of a known shape
+    assert lines["single_object"][1:] == ["2", "4", "4", "1.0000", "0", "0", "0", "0", "4", "0"]
     assert [ln for ln in out.splitlines() if ln.startswith("overall")][0].endswith("1.0000")
     assert "held-out colour-shape pairs:" in out
     data = json.loads((tmp_path / "scores.json").read_text())
@@ -375,9 +415,16 @@ def test_eval_shapes_cli_scores_wrong_images_low(tmp_path, capsys):
     first = Image.open(root / "00000" / "samples" / "00000.png").copy()
     for p in root.glob("*/samples/*.png"):
         first.save(p)
-    out = _run(["shapes", "--images", str(root), "--no-progress"], capsys)
+    out = _run(["shapes", "--images", str(root), "--no-progress", "--json", str(tmp_path / "s.json")],
+               capsys)
     overall = float([ln for ln in out.splitlines() if ln.startswith("overall")][0].split()[-1])
     assert overall < 0.3
+    data = json.loads((tmp_path / "s.json").read_text())
+    for cat in data["summary"]["categories"].values():  # every failed image is filed under one kind
+        assert sum(cat["failures"].values()) == cat["images"] - cat["correct"]
+    # a circle where no circle was asked for: the missing shape is what fails
+    other = [r for r in data["images"] if "circle" not in r["prompt"]]
+    assert other and all(r["failure"] == "shape" for r in other)
 
 
 def test_eval_shapes_cli_errors(tmp_path, capsys):
@@ -547,7 +594,10 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
 
     model.generate = recording_generate
     settings = [(1.0, "constant", 1.0, 8), (4.0, "linear", 0.5, 4)]
-    rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2)
+    seen = []  # what on_row is handed after each row: the rows so far
+    rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2,
+                        on_row=lambda rs: seen.append(len(rs)))
+    assert seen == [1, 2]
     assert calls == [s + (5,) for s in settings]  # one batch of 2 prompts per setting
     assert [(r["cfg"], r["cfg_schedule"], r["temperature"], r["steps"]) for r in rows] == settings
     assert [r["images"] for r in rows] == [2, 2]

@@ -22,6 +22,10 @@ Scoring (:func:`check_spec`) follows GenEval: every ``include`` entry needs ``co
 shape (and colour); a ``position`` needs the relation, decided from box centres as GenEval does; every
 ``exclude`` entry fails the image when ``count`` or more of its shape are found. Per-category accuracy
 is the mean over images; the overall score is the mean over categories (:func:`summarize`).
+
+Beyond GenEval, each failed image is filed under the first criterion it fails (:data:`FAILURE_KINDS`),
+and :func:`summarize` counts them per category together with how many objects were detected and how
+many of those had no recognisable shape: what a generator gets wrong, not only how often.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ SHAPE_REJECT = 1.6
 MAX_AREA_FRAC = 0.5
 
 _PALETTE = np.asarray([COLORS[c] for c in COLOR_NAMES], np.float32)  # (K, 3)
+
+#: Why an image fails, by the first criterion it fails, in the order they are checked: too few
+#: objects of an asked shape ("shape"), enough of the shape but too few in the asked colour
+#: ("colour"), a relation not met ("position"), an excluded object present ("extra").
+FAILURE_KINDS = ("shape", "colour", "position", "extra")
 
 
 class ImageLoadError(ValueError):
@@ -105,6 +114,7 @@ class JudgeResult:
     reason: str
     split: str = "test"
     detections: tuple[Detection, ...] = field(default=(), repr=False)
+    failure: str | None = None  # one of FAILURE_KINDS when not correct
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,24 +494,26 @@ def _plural(n: int, shape: str, color: str | None = None) -> str:
     return f"{n} {color + ' ' if color else ''}{shape}{'' if n == 1 else '(s)'}"
 
 
-def check_spec(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, Any]) -> tuple[bool, str]:
-    """Decide whether detections satisfy a spec, GenEval's way.
+def first_failure(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, Any]
+                  ) -> tuple[str | None, str]:
+    """The first criterion of ``spec`` that ``detections`` fail, GenEval's way.
 
     Returns:
-        ``(correct, reason)``; the reason names the first failed criterion ("ok" when correct).
+        ``(kind, reason)``: ``kind`` one of :data:`FAILURE_KINDS`, or None when every criterion
+        holds; ``reason`` says what was expected and found ("ok" when nothing failed).
     """
     spec = PromptSpec.from_metadata(spec)
     matched: list[list[Detection]] = []
     for req in spec.include:
         found = [d for d in detections if d.shape == req.shape]
         if len(found) < req.count:
-            return False, f"expected {_plural(req.count, req.shape)}, found {len(found)}"
+            return "shape", f"expected {_plural(req.count, req.shape)}, found {len(found)}"
         if req.color is not None:
             found = [d for d in found if d.color == req.color]
             if len(found) < req.count:
                 seen = sorted({str(d.color) for d in detections if d.shape == req.shape})
-                return False, (f"expected {_plural(req.count, req.shape, req.color)}, found {len(found)} "
-                               f"({req.shape} colours seen: {', '.join(seen)})")
+                return "colour", (f"expected {_plural(req.count, req.shape, req.color)}, found "
+                                  f"{len(found)} ({req.shape} colours seen: {', '.join(seen)})")
         matched.append(found[:req.count])
     for i, req in enumerate(spec.include):
         if req.position is None:
@@ -511,42 +523,66 @@ def check_spec(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, 
             for b in matched[j]:
                 rels = relative_position(a.bbox, b.bbox)
                 if rel not in rels:
-                    return False, (f"expected {req.shape} {rel} {spec.include[j].shape}, found "
-                                   f"{', '.join(sorted(rels)) or 'no clear relation'}")
+                    return "position", (f"expected {req.shape} {rel} {spec.include[j].shape}, found "
+                                        f"{', '.join(sorted(rels)) or 'no clear relation'}")
     for req in spec.exclude:
         found = [d for d in detections
                  if d.shape == req.shape and (req.color is None or d.color == req.color)]
         if len(found) >= req.count:
-            return False, (f"expected fewer than {_plural(req.count, req.shape, req.color)}, "
-                           f"found {len(found)}")
-    return True, "ok"
+            return "extra", (f"expected fewer than {_plural(req.count, req.shape, req.color)}, "
+                             f"found {len(found)}")
+    return None, "ok"
+
+
+def check_spec(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, Any]) -> tuple[bool, str]:
+    """Decide whether detections satisfy a spec, GenEval's way.
+
+    Returns:
+        ``(correct, reason)``; the reason names the first failed criterion ("ok" when correct).
+    """
+    kind, reason = first_failure(detections, spec)
+    return kind is None, reason
+
+
+def judge_detections(detections: Sequence[Detection], spec: PromptSpec | Mapping[str, Any]
+                     ) -> JudgeResult:
+    """The verdict on already detected objects (:func:`detect`) for ``spec``."""
+    spec = PromptSpec.from_metadata(spec)
+    kind, reason = first_failure(detections, spec)
+    return JudgeResult(spec.tag, spec.prompt, kind is None, reason, spec.split, tuple(detections),
+                       kind)
 
 
 def judge_image(image: Any, spec: PromptSpec | Mapping[str, Any]) -> JudgeResult:
     """Detect the objects of ``image`` and check them against ``spec``."""
-    spec = PromptSpec.from_metadata(spec)
-    dets = detect(image)
-    ok, reason = check_spec(dets, spec)
-    return JudgeResult(spec.tag, spec.prompt, ok, reason, spec.split, tuple(dets))
+    return judge_detections(detect(image), spec)
 
 
 def summarize(results: Iterable[JudgeResult]) -> dict[str, Any]:
     """Per-category accuracy and the overall score (GenEval: mean of the category accuracies).
 
     Returns:
-        ``{"categories": {tag: {"accuracy", "correct", "images"}}, "overall": float | None,
-        "images": int}``;
-        categories in :data:`GENEVAL_TAGS` order; held-out results are reported under
-        ``"heldout"`` with the same layout and do not enter the main overall score.
+        ``{"categories": {tag: {"accuracy", "correct", "images", "failures", "objects",
+        "unrecognised"}}, "overall": float | None, "images": int}``;
+        categories in :data:`GENEVAL_TAGS` order; ``failures`` counts the failed images by
+        :data:`FAILURE_KINDS`, ``objects`` the detections and ``unrecognised`` those of no known
+        shape. Held-out results are reported under ``"heldout"`` with the same layout and do
+        not enter the main overall score.
     """
-    groups: dict[str, dict[str, list[bool]]] = {}
+    groups: dict[str, dict[str, list[JudgeResult]]] = {}
     for r in results:
         group = groups.setdefault("heldout" if r.split == "heldout" else "main", {})
-        group.setdefault(r.tag, []).append(r.correct)
+        group.setdefault(r.tag, []).append(r)
 
-    def table(g: dict[str, list[bool]]) -> dict[str, Any]:
-        cats = {t: {"accuracy": float(np.mean(g[t])), "correct": int(sum(g[t])), "images": len(g[t])}
-                for t in GENEVAL_TAGS if t in g}
+    def category(rs: list[JudgeResult]) -> dict[str, Any]:
+        correct = [r.correct for r in rs]
+        return {"accuracy": float(np.mean(correct)), "correct": int(sum(correct)), "images": len(rs),
+                "failures": {k: sum(r.failure == k for r in rs) for k in FAILURE_KINDS},
+                "objects": sum(len(r.detections) for r in rs),
+                "unrecognised": sum(d.shape is None for r in rs for d in r.detections)}
+
+    def table(g: dict[str, list[JudgeResult]]) -> dict[str, Any]:
+        cats = {t: category(g[t]) for t in GENEVAL_TAGS if t in g}
         # None (JSON null, not NaN) when no image of this group was judged
         overall = float(np.mean([c["accuracy"] for c in cats.values()])) if cats else None
         return {"categories": cats, "overall": overall, "images": sum(c["images"] for c in cats.values())}

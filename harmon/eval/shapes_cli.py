@@ -20,7 +20,8 @@ from typing import Any, TextIO
 
 from harmon.data.shapeworld import GENEVAL_TAGS
 
-from .judge import ImageLoadError, JudgeResult, check_spec, detect, load_image, summarize
+from .judge import (FAILURE_KINDS, ImageLoadError, JudgeResult, detect, judge_detections,
+                    load_image, summarize)
 from .prompts import eval_prompts, read_geneval_folder, write_metadata_jsonl, write_reference_folder
 
 
@@ -57,18 +58,19 @@ def evaluate_folder(root: str | Path, skip_corrupt: bool = False, progress: bool
             prompts[key] = prompts.get(key, 0) + (1 if imgs else 0)
             for path in imgs:
                 try:
-                    dets = detect(load_image(path))
-                    ok, reason = check_spec(dets, spec)
+                    r = judge_detections(detect(load_image(path)), spec)
                 except ImageLoadError as e:
                     if not skip_corrupt:
                         raise
                     print(f"warning: {e}; counted as incorrect", file=sys.stderr)
-                    dets, ok, reason = [], False, f"unreadable image: {e}"
-                results.append(JudgeResult(spec.tag, spec.prompt, ok, reason, spec.split, tuple(dets)))
+                    r = JudgeResult(spec.tag, spec.prompt, False, f"unreadable image: {e}", spec.split)
+                results.append(r)
                 records.append({"prompt_dir": d.name, "image": str(path), "tag": spec.tag,
-                                "split": spec.split, "prompt": spec.prompt, "correct": ok, "reason": reason,
+                                "split": spec.split, "prompt": spec.prompt, "correct": r.correct,
+                                "reason": r.reason, "failure": r.failure,
                                 "detections": [{"shape": x.shape, "color": x.color,
-                                                "bbox": [round(v, 4) for v in x.bbox]} for x in dets]})
+                                                "bbox": [round(v, 4) for v in x.bbox]}
+                                               for x in r.detections]})
                 bar.update(1)
     summary = summarize(results)
     for group, table in (("main", summary), ("heldout", summary.get("heldout"))):
@@ -81,7 +83,8 @@ def evaluate_folder(root: str | Path, skip_corrupt: bool = False, progress: bool
 def format_table(summary: dict[str, Any], title: str = "") -> str:
     """The per-category table of :func:`evaluate_folder`'s summary, as text."""
     lines = [title] if title else []
-    header = f"{'category':<16}{'prompts':>8}{'images':>8}{'correct':>9}{'accuracy':>10}"
+    header = (f"{'category':<16}{'prompts':>8}{'images':>8}{'correct':>9}{'accuracy':>10}   "
+              + "".join(f"{k:>9}" for k in FAILURE_KINDS) + f"{'objects':>9}{'no shape':>9}")
 
     def block(table: dict[str, Any], label: str):
         if label:
@@ -91,8 +94,10 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
             c = table["categories"].get(tag)
             if c is None:
                 continue
+            fails = c.get("failures", {})
             lines.append(f"{tag:<16}{c.get('prompts', 0):>8}{c['images']:>8}{c['correct']:>9}"
-                         f"{c['accuracy']:>10.4f}")
+                         f"{c['accuracy']:>10.4f}   " + "".join(f"{fails.get(k, 0):>9}" for k in FAILURE_KINDS)
+                         + f"{c.get('objects', 0):>9}{c.get('unrecognised', 0):>9}")
         lines.append(f"{'overall':<16}{'':>8}{table['images']:>8}{'':>9}{table['overall']:>10.4f}")
 
     if summary["categories"]:
@@ -101,7 +106,9 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         if summary["categories"]:
             lines.append("")
         block(summary["heldout"], "held-out colour-shape pairs:")
-    lines.append("(overall = mean of the category accuracies, as in GenEval)")
+    lines.append("(overall = mean of the category accuracies, as in GenEval; shape .. extra: failed "
+                 "images by the first criterion they fail; objects: detected, no shape: of no known "
+                 "shape)")
     return "\n".join(lines)
 
 
