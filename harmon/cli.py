@@ -20,6 +20,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   harmon generate "a red circle" "two blue squares" -n 2 --seed 0 -o samples/
+  harmon generate "a red circle and a blue star" --candidates 4   # best of 4, by the model itself
   harmon generate "a green star" --checkpoint /models/harmon_1.5b.pth --size 512 --device cuda
   harmon ask photo.png "What colour is the circle?"
   harmon caption photo.png
@@ -102,6 +103,7 @@ def cmd_generate(args) -> int:
                                 temperature=args.temperature, seed=args.seed, mode=args.mode,
                                 head_steps=args.head_steps, head_sampler=args.head_sampler,
                                 head_eta=args.head_eta, compile=args.compile,
+                                candidates=args.candidates, rerank=args.rerank,
                                 on_step=progress)
     finally:
         for bar in bars:
@@ -173,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", help="one or more prompts")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
+    g.add_argument("--candidates", type=int, default=1,
+                   help="draw this many images per image kept and keep the one the model itself "
+                        "reads as most like the prompt (default 1: no reranking)")
+    g.add_argument("--rerank", default="yes", choices=["yes", "caption"],
+                   help="how the model compares candidates: yes = p(yes | 'Is there PROMPT in "
+                        "the image?'), caption = p(PROMPT | 'Describe the image briefly.')")
     g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     g.add_argument("--steps", type=int, default=None,

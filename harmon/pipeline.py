@@ -23,10 +23,12 @@ from .fast import FastHeadSampler
 from .generate import StepInfo, sample_tokens, to_uint8
 from .models.harmon import HarmonModel
 from .rng import TorchDraws
-from .tokenizer import CAPTION_QUESTION, HarmonTokenizer, byte_level_tokenizer
-from .understand import decode, image_embeddings, preprocess
+from .tokenizer import (BRIEF_CAPTION_QUESTION, CAPTION_QUESTION, HarmonTokenizer,
+                        byte_level_tokenizer)
+from .understand import answer_log_likelihood, decode, image_embeddings, preprocess
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapeworld"
+SCORE_METHODS = ("yes", "caption")  # how Harmon.score reads an image against a text
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -84,6 +86,16 @@ def random_model(cfg: HarmonConfig, seed: int = 0) -> HarmonModel:
         model.mar.initialize_weights()
         model.vae.initialize_weights()
     return model.eval()
+
+
+def _image_list(images) -> list:
+    """One image (PIL, path, (H, W, 3) array) or many (a sequence, or a (B, H, W, 3) uint8
+    array / tensor) -> a list of single images."""
+    if getattr(images, "ndim", None) == 4:
+        return list(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
+    if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
+        return [images]
+    return list(images)
 
 
 class Harmon:
@@ -208,9 +220,9 @@ class Harmon:
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
+                 candidates: int = 1, rerank: str = "yes",
                  size: int | tuple[int, int] | None = None, steps: int | None = None,
-                 cfg: float = 3.0,
-                 cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
+                 cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0, seed: int | None = None,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
                  output: str = "pil", mode: str = "fast", compile: bool = False,
@@ -220,6 +232,11 @@ class Harmon:
 
         Args:
             prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
+            candidates: draw this many images for every image returned and keep the one the
+                model itself finds most like its prompt (:meth:`score`: the understanding path
+                reads each candidate); 1 (default) returns the first draw. The candidates of
+                ``generate(p, candidates=C, seed=s)`` are ``generate(p,
+                num_images_per_prompt=C, seed=s)``; the cost is C images and C scores.
             size: an int (square) or (height, width), multiples of 16; default the model's.
             steps: K, the number of masked-generation steps (default 64, the paper's; at most
                 the number of tokens, which is also the default for images of fewer tokens).
@@ -242,13 +259,17 @@ class Harmon:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        for name, v in (("num_images_per_prompt", num_images_per_prompt),
+                        ("candidates", candidates)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not isinstance(cfg, numbers.Real) or not math.isfinite(cfg) or cfg < 1:
             raise ValueError(f"cfg must be a finite number >= 1 (1 disables guidance), got {cfg!r}")
         if not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
                 or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if rerank not in SCORE_METHODS:
+            raise ValueError(f"rerank must be one of {SCORE_METHODS}, got {rerank!r}")
         if output not in ("pil", "uint8"):
             raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
         if mode not in ("fast", "reference"):
@@ -268,7 +289,8 @@ class Harmon:
                 or not 1 <= steps <= grid[0] * grid[1]:
             raise ValueError(f"steps must be an integer in [1, {grid[0] * grid[1]}] (the image's "
                              f"{grid[0]}x{grid[1]} tokens), got {steps!r}")
-        ids, mask = self._prompt_batch(prompts, num_images_per_prompt, cfg != 1.0)
+        n = num_images_per_prompt * candidates  # drawn per prompt, prompt-major
+        ids, mask = self._prompt_batch(prompts, n, cfg != 1.0)
         draws = TorchDraws(self._generator(seed, generator))
         head = None
         if mode == "fast":
@@ -285,11 +307,22 @@ class Harmon:
                                    fast_step=mode == "fast")
         finally:
             self.model.mar.pos_cache = None
-        P = len(prompts) * num_images_per_prompt
+        P = len(prompts) * n
         images = to_uint8(self.model.decode_tokens(tokens[:P], grid).float()).cpu()
+        if candidates > 1:
+            images = self._best_candidates(images, prompts, candidates, rerank)
         if output == "uint8":
             return images
         return [Image.fromarray(im.numpy()) for im in images]
+
+    def _best_candidates(self, images: torch.Tensor, prompts: list[str], candidates: int,
+                         method: str) -> torch.Tensor:
+        """(P * n * C, H, W, 3) prompt-major draws -> (P * n, H, W, 3): the best of each C."""
+        per_prompt = images.shape[0] // len(prompts)
+        texts = [p for p in prompts for _ in range(per_prompt)]
+        scores = self.score(images, texts, method=method).view(-1, candidates)  # (P * n, C)
+        best = scores.argmax(dim=1) + torch.arange(scores.shape[0]) * candidates
+        return images[best]
 
     def preview(self, info: StepInfo, grid: tuple[int, int]) -> list[Image.Image]:
         """Decode the tokens known so far (masked ones at zero) to images, for live previews."""
@@ -308,16 +341,15 @@ class Harmon:
                instruction: str | None = None) -> list[str]:
         """Answer one question per image (a single question is asked of every image).
 
-        Images may be PIL images, paths or (H, W, 3) uint8 arrays. Greedy decoding by default;
+        Images may be PIL images, paths, (H, W, 3) uint8 arrays or one (B, H, W, 3) uint8
+        array or tensor. Greedy decoding by default;
         ``do_sample=True`` samples with ``temperature`` and ``top_p``. ``instruction`` is
         appended to each question on a line of its own unless the question already holds it;
         None means the model's own (:attr:`answer_instruction`: the shipped model's questions
         were trained with LLaVA's short-answer instruction, and without it it answers with a
         caption), "" means none: the question exactly as given.
         """
-        if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
-            images = [images]
-        images = list(images)
+        images = _image_list(images)
         if not images:
             raise ValueError("no image given")
         if isinstance(questions, str):
@@ -330,10 +362,7 @@ class Harmon:
         if extra:
             questions = [q if not isinstance(q, str) or not q.strip() or extra in q
                          else f"{q.rstrip()}\n{extra}" for q in questions]
-        size = size or self.cfg.image_size
-        self.model.grid_for(size)
-        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
-        img = image_embeddings(self.model, pixels)  # (B, N+64, H)
+        img = self._image_inputs(images, size)  # (B, N+64, H)
         rows = [self.tokenizer.question_ids(q, img.shape[1]) for q in questions]
         L = max(len(r) for r in rows)
         # left padding keeps every row's last token at the end, where decoding continues
@@ -349,12 +378,87 @@ class Harmon:
                      do_sample, temperature, top_p, gen)
         return [self.tokenizer.decode(r).strip() for r in new]
 
+    @torch.no_grad()
+    def score(self, images, texts: str | Sequence[str], *, method: str = "yes",
+              size: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """How well each text describes its image, in the model's own judgement.
+
+        The understanding path reads the image and the LLM is teacher-forced on an answer; the
+        score is a log-probability (nats) of that answer:
+
+        - ``method="yes"`` (default): the answer to "Is there {text} in the image?" (with the
+          model's answer instruction) starting with "yes" or "Yes": VQAScore's P(yes) in the
+          model's own yes/no question format; any wording works, the trained ones best.
+        - ``method="caption"``: the text itself, to its end of turn, as the answer to "Describe
+          the image briefly." (whose training answers are prompt-like captions: "a red circle
+          and a blue star"). The end of turn counts, so an image with more than the text names
+          scores lower; a text that leaves out what every caption says (the shipped model's
+          always name colours) is unlikely for every image.
+
+        Compare scores of one text across images (as ``generate(candidates=...)`` does).
+
+        Args:
+            images: PIL images, paths, (H, W, 3) uint8 arrays, or a (B, H, W, 3) uint8
+                array or tensor.
+            texts: one text per image, or one for all.
+        Returns:
+            (B,) float32 on the CPU, higher = better match.
+        """
+        images = _image_list(images)
+        texts = [texts] * len(images) if isinstance(texts, str) else list(texts)
+        if not images or len(texts) != len(images):
+            raise ValueError(f"score needs one text per image (or one for all), got "
+                             f"{len(images)} image(s) and {len(texts)} text(s)")
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise ValueError("every text to score must be a non-empty string")
+        if method not in SCORE_METHODS:
+            raise ValueError(f"unknown scoring method {method!r}; expected one of {SCORE_METHODS}")
+        end = [self.tokenizer.im_end_id]
+        out = []
+        for b in range(0, len(images), batch_size):
+            chunk = texts[b: b + batch_size]
+            img = self._image_inputs(images[b: b + batch_size], size)  # (b, N+64, H)
+            if method == "caption":
+                out.append(self._answer_log_likelihood(img, [
+                    (BRIEF_CAPTION_QUESTION, self.tokenizer.encode(t.strip()) + end)
+                    for t in chunk]))
+                continue
+            extra = f"\n{self.answer_instruction}" if self.answer_instruction else ""
+            questions = [f"Is there {t.strip()} in the image?{extra}" for t in chunk]
+            yes = [self._answer_log_likelihood(img, [(q, self.tokenizer.encode(word))
+                                                     for q in questions])
+                   for word in ("yes", "Yes")]
+            out.append(torch.logaddexp(*yes))
+        return torch.cat(out)
+
+    def _image_inputs(self, images: list, size: int | None) -> torch.Tensor:
+        """Images -> (B, N+64, H) LLM inputs of the understanding path."""
+        size = size or self.cfg.image_size
+        self.model.grid_for(size)
+        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
+        return image_embeddings(self.model, pixels)
+
+    def _answer_log_likelihood(self, img: torch.Tensor, qa: list[tuple[str, list[int]]]
+                               ) -> torch.Tensor:
+        """(B, N+64, H) image inputs and B (question, answer ids) -> (B,) answer log-likelihoods."""
+        rows = [(self.tokenizer.question_ids(q, img.shape[1]), a) for q, a in qa]
+        L = max(len(q) + len(a) for q, a in rows)
+        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
+        targets = torch.full((len(rows), L), -100, dtype=torch.long)
+        mask = torch.zeros(len(rows), L, dtype=torch.long)
+        for i, (q, a) in enumerate(rows):  # right padded: no generation follows
+            ids[i, : len(q) + len(a)] = torch.tensor(q + a)
+            targets[i, len(q): len(q) + len(a)] = torch.tensor(a)
+            mask[i, : len(q) + len(a)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        embeds = self.model.splice_images(ids, img, self.tokenizer.image_id)
+        return answer_log_likelihood(self.model, embeds, mask, targets.to(self.device)).cpu()
+
     def caption(self, images, **kwargs) -> list[str]:
         """Describe each image (the reference's demo question)."""
-        if isinstance(images, (str, Path, Image.Image)) or hasattr(images, "shape"):
-            images = [images]
+        images = _image_list(images)
         # captions were trained without an answer instruction
-        return self.answer(images, [CAPTION_QUESTION] * len(list(images)), instruction="", **kwargs)
+        return self.answer(images, [CAPTION_QUESTION] * len(images), instruction="", **kwargs)
 
     def __repr__(self) -> str:
         i = self.info()

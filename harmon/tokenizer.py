@@ -21,6 +21,9 @@ GENERATE_PROMPT = "Generate an image: {prompt}"
 UNCONDITIONAL_PROMPT = "Generate an image."
 UNDERSTAND_PROMPT = "<image>\n{question}"
 CAPTION_QUESTION = "Describe the image in detail."
+# the question whose answer is a prompt-like caption ("a red circle and a blue star"); what
+# Harmon.score asks by default
+BRIEF_CAPTION_QUESTION = "Describe the image briefly."
 
 
 def chat(text: str) -> str:

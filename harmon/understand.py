@@ -117,3 +117,27 @@ def decode(model: HarmonModel, inputs_embeds: torch.Tensor, attention_mask: torc
         pos = positions_from_mask(mask)[:, -1:]
         hidden = run_body(model.llm, model.embed_text(next_ids[:, None]), mask, pos, cache)
     return out
+
+
+@torch.no_grad()
+def answer_log_likelihood(model: HarmonModel, inputs_embeds: torch.Tensor,
+                          attention_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced log-likelihood of the answer tokens of each row.
+
+    Args:
+        inputs_embeds: (B, L, H) prompt + answer embeddings, **right** padded.
+        attention_mask: (B, L) 0/1.
+        targets: (B, L) the ids to score at their own positions, -100 elsewhere (the prompt,
+            padding); each is predicted from the hidden state one position before it.
+    Returns:
+        (B,) float32 sums of log-probabilities (nats).
+    """
+    mask = attention_mask.long()
+    hidden = run_body(model.llm, inputs_embeds, mask, positions_from_mask(mask))
+    tgt = targets[:, 1:]
+    scored = tgt != -100
+    # logits only where a target is read: the vocabulary of a real model is 151k wide
+    logp = torch.log_softmax(model.logits(hidden[:, :-1][scored]).float(), dim=-1)
+    picked = logp.gather(-1, tgt[scored][:, None]).squeeze(-1)
+    rows = scored.nonzero()[:, 0]
+    return torch.zeros(tgt.shape[0], device=picked.device).index_add_(0, rows, picked)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,6 +23,19 @@ def test_generate_writes_images(tmp_path, capsys):
     assert len(files) == 4 and Image.open(files[0]).size == (32, 32)
     err = capsys.readouterr().err
     assert "random weights" in err and "4 image(s)" in err
+
+
+def test_generate_best_of_candidates(tmp_path):
+    from harmon import Harmon
+
+    out = tmp_path / "best.png"
+    assert main(["generate", "a red circle", "--steps", "3", "--seed", "2", "--candidates", "3",
+                 "-o", str(out), "--checkpoint", "tiny", "-q"]) == 0
+    want = Harmon.from_pretrained("tiny").generate("a red circle", steps=3, seed=2, candidates=3)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want[0]))
+    assert main(["generate", "x", "--candidates", "0", "-o", str(tmp_path / "no.png"),
+                 "--checkpoint", "tiny", "-q"]) == 2
+    assert not (tmp_path / "no.png").exists()
 
 
 def test_generate_to_directory_and_rectangular(tmp_path):

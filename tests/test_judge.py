@@ -605,3 +605,29 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
                                  cfg_schedule="linear", temperature=0.5, steps=4)
     assert rows[1]["summary"] == direct
     assert "cfg    4 linear" in capsys.readouterr().out
+
+
+def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
+    """benchmarks/self_rerank.py: its "best of C" rows judge exactly the images that
+    generate(candidates=C) returns, and its hindsight row is at least as good as any pick."""
+    from harmon import Harmon
+    from harmon.eval.model_eval import evaluate_generation
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "self_rerank.py"))
+    model = Harmon.from_pretrained()
+    generate = model.generate
+    model.generate = lambda prompts, **kw: generate(prompts, steps=4, **kw)  # fast
+    result = mod["measure"](model, candidates=2, seed=5, limit=3)
+    rows = result["rows"]
+    assert list(rows) == ["first", "any one", "yes, best of 2", "caption, best of 2", "oracle"]
+    assert rows["any one"]["images"] == 6 and rows["first"]["images"] == 3
+    for method in ("yes", "caption"):
+        direct = evaluate_generation(model, samples=1, seed=5, limit=3, progress=False,
+                                     candidates=2, rerank=method)
+        for cat in direct["categories"].values():
+            del cat["prompts"]  # evaluate_generation's addition
+        assert rows[f"{method}, best of 2"] == direct
+    right = {k: sum(c["correct"] for c in r["categories"].values()) for k, r in rows.items()}
+    assert right["oracle"] == max(right.values())
+    mod["print_table"](result)
+    assert "yes, best of 2" in capsys.readouterr().out

@@ -123,6 +123,17 @@ def test_generate_streams_previews_then_the_images(server, tiny_harmon):
         assert decode_data_url(url).convert("RGB").tobytes() == im.tobytes()
 
 
+def test_generate_best_of_candidates(server, tiny_harmon):
+    status, raw = call(server, "/api/generate", {"prompt": "a red circle", "seed": 1, "steps": 2,
+                                                 "candidates": 3})
+    evs = events(raw)
+    assert status == 200 and evs[-1]["type"] == "done" and evs[-1]["candidates"] == 3
+    assert len(evs[0]["previews"]) == 3  # every candidate fills in live
+    direct = tiny_harmon.generate("a red circle", size=32, steps=2, seed=1, candidates=3)
+    assert [decode_data_url(u).convert("RGB").tobytes() for u in evs[-1]["images"]] == \
+        [im.tobytes() for im in direct]
+
+
 def test_long_prompt_is_truncated_with_a_warning_and_seed_reported(server):
     status, raw = call(server, "/api/generate", {"prompt": "a red circle " * 40, "seed": "",
                                                  "size": 16, "steps": 1})
@@ -141,6 +152,7 @@ def test_long_prompt_is_truncated_with_a_warning_and_seed_reported(server):
     ({"prompt": "a", "steps": 99}, 400, "steps must be between 1 and 4"),
     ({"prompt": "a", "cfg": 0.5}, 400, "cfg must be between 1"),
     ({"prompt": "a", "n": 50}, 400, "n must be between 1 and 4"),
+    ({"prompt": "a", "candidates": 0}, 400, "candidates must be between 1 and 8"),
     ({"prompt": "a", "seed": "abc"}, 400, "seed must be an integer"),
     ({"prompt": "a", "size": 40}, 400, "multiple of 16"),
     ({"prompt": "a", "cfg_schedule": "cubic"}, 400, "cfg_schedule"),
@@ -284,12 +296,15 @@ def test_page_in_headless_chromium(server, tmp_path):
 
             page.fill("#prompt", "a red circle to the left of a blue square")
             page.fill("#seed", "5")
+            page.fill("#candidates", "2")
             page.click("#generate")
             page.wait_for_selector("#images img.final")
+            assert page.locator("#images img").count() == 1  # the pick of the two candidates
             assert page.locator("#gen-messages .error").count() == 0
             assert int(page.get_attribute("#images", "data-previews")) >= 1  # live preview seen
             assert page.eval_on_selector("#images img.final", "img => img.naturalWidth") == 32
             assert "seed 5" in page.inner_text("#gen-status")
+            assert "best of 2" in page.inner_text("#gen-status")
 
             page.set_input_files("#image", str(upload))
             page.fill("#question", "What colour is the circle?")

@@ -29,6 +29,24 @@ def evaluate_generation(model, samples: int = 2, batch_size: int = 16, seed: int
     """Judge scores of generated images for all evaluation prompts (both splits; the first
     ``limit`` prompts only, when given)."""
     specs = eval_prompts("all")[:limit]
+    images = generate_for_specs(model, specs, samples, batch_size, seed, progress,
+                                **generate_kwargs)
+    if out_dir is not None:
+        write_geneval_folder(out_dir, specs, lambda i, spec: images[spec.prompt])
+    results = [judge_image(im, spec) for spec in specs for im in images[spec.prompt]]
+    summary = summarize(results)
+    for spec in specs:  # prompts per category, beside the images (as evaluate_folder reports)
+        group = summary["heldout"] if spec.split == "heldout" else summary
+        cat = group["categories"][spec.tag]
+        cat["prompts"] = cat.get("prompts", 0) + 1
+    return summary
+
+
+def generate_for_specs(model, specs, samples: int, batch_size: int = 16, seed: int = 0,
+                       progress: bool = True, **generate_kwargs) -> dict[str, list]:
+    """``{prompt: [samples images]}``, in batches of ``batch_size`` prompts seeded ``seed + b``
+    (b = the batch's first prompt): ``harmon eval model`` and the benchmarks draw the same
+    images for the same settings."""
     images: dict[str, list] = {}
     bar = tqdm(total=len(specs), desc="generating", unit="prompt", disable=not progress)
     for b in range(0, len(specs), batch_size):
@@ -39,15 +57,7 @@ def evaluate_generation(model, samples: int = 2, batch_size: int = 16, seed: int
             images[spec.prompt] = out[i * samples: (i + 1) * samples]
         bar.update(len(chunk))
     bar.close()
-    if out_dir is not None:
-        write_geneval_folder(out_dir, specs, lambda i, spec: images[spec.prompt])
-    results = [judge_image(im, spec) for spec in specs for im in images[spec.prompt]]
-    summary = summarize(results)
-    for spec in specs:  # prompts per category, beside the images (as evaluate_folder reports)
-        group = summary["heldout"] if spec.split == "heldout" else summary
-        cat = group["categories"][spec.tag]
-        cat["prompts"] = cat.get("prompts", 0) + 1
-    return summary
+    return images
 
 
 def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size: int = 32,
@@ -76,6 +86,9 @@ def add_eval_model_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the images (GenEval layout) and scores.json")
     p.add_argument("--mode", default="fast", choices=["fast", "reference"])
+    p.add_argument("--candidates", type=int, default=1,
+                   help="best of N images by the model's own score (harmon generate --candidates)")
+    p.add_argument("--rerank", default="yes", choices=["yes", "caption"])
     _add_model_args(p)
     p.set_defaults(func=_cmd_eval_model)
 
@@ -87,13 +100,17 @@ def _cmd_eval_model(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
     gen = evaluate_generation(model, args.samples, seed=args.seed,
-                              out_dir=out / "images" if out else None, mode=args.mode)
+                              out_dir=out / "images" if out else None, mode=args.mode,
+                              candidates=args.candidates, rerank=args.rerank)
     vqa = evaluate_understanding(model, args.vqa_images, seed=args.seed)
-    print(format_table(gen, title=f"generation: {model.name}"))
+    best = f" (each image the best of {args.candidates} by --rerank {args.rerank})" \
+        if args.candidates > 1 else ""
+    print(format_table(gen, title=f"generation: {model.name}{best}"))
     print(f"understanding: {json.dumps(_vqa_summary(vqa))}")
     scores = {"model": model.name, "generation": gen, "understanding": vqa,
               "seconds": time.perf_counter() - t0, "samples": args.samples,
-              "vqa_images": args.vqa_images, "seed": args.seed}
+              "vqa_images": args.vqa_images, "seed": args.seed, "candidates": args.candidates,
+              "rerank": args.rerank}
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=1, default=str))

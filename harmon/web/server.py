@@ -5,7 +5,8 @@ Standard library only: a :class:`http.server.ThreadingHTTPServer` serves the sta
 
     GET  /                  the page (index.html, app.js, style.css)
     GET  /api/info          model name, device, dtype, ``trained``, page defaults and limits
-    POST /api/generate      JSON {prompt, n, seed, cfg, steps, size?} -> text/event-stream:
+    POST /api/generate      JSON {prompt, n, seed, cfg, steps, candidates?, size?} ->
+                            text/event-stream:
                             queued?, warning*, progress (with previews)*, then done or error
     POST /api/answer        multipart/form-data (image, question) or JSON {image: base64 or
                             data URL, question} -> {"answer": ...}
@@ -59,6 +60,7 @@ class ServerSettings:
     size: int | None = None  # generation size; None = the model's image_size
     max_new_tokens: int = 256  # answer length unless the request asks for less
     max_images: int = 4  # images per generate request
+    max_candidates: int = 8  # draws per image kept (best of N by the model's own score)
     max_size: int = 1024  # largest generation size a request may ask for
     max_body_bytes: int = 20 * 2 ** 20  # larger request bodies get 413
     max_image_side: int = 2048  # uploads with a longer side are downscaled before answering
@@ -149,6 +151,7 @@ class GenerateRequest:
     size: int
     cfg_schedule: str = "constant"
     temperature: float = 1.0
+    candidates: int = 1
 
 
 def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateRequest:
@@ -175,7 +178,8 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         cfg=_number(body, "cfg", settings.cfg, 1.0, 50.0, False),
         steps=_number(body, "steps", min(settings.steps, h * w), 1, h * w, True),
         size=size, cfg_schedule=schedule,
-        temperature=_number(body, "temperature", 1.0, 1e-3, 10.0, False))
+        temperature=_number(body, "temperature", 1.0, 1e-3, 10.0, False),
+        candidates=_number(body, "candidates", 1, 1, settings.max_candidates, True))
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
@@ -370,9 +374,9 @@ class HarmonHandler(BaseHTTPRequestHandler):
         info = model.info()
         info["warning"] = None if model.trained else \
             "random weights: images and answers are noise until trained weights are loaded"
-        info["defaults"] = {"n": 1, "seed": 0, "cfg": s.cfg, "steps": s.steps,
+        info["defaults"] = {"n": 1, "seed": 0, "cfg": s.cfg, "steps": s.steps, "candidates": 1,
                             "size": s.size or model.cfg.image_size}
-        info["limits"] = {"max_images": s.max_images, "max_body_bytes": s.max_body_bytes,
+        info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates, "max_body_bytes": s.max_body_bytes,
                           "max_image_side": s.max_image_side, "max_prompt_tokens": 128,
                           "size_multiple": model.cfg.mar.vae_stride,
                           "max_question_chars": s.max_question_chars}
@@ -437,7 +441,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
                                         steps=req.steps, cfg=req.cfg,
                                         cfg_schedule=req.cfg_schedule,
                                         temperature=req.temperature, seed=req.seed,
-                                        compile=s.compile, on_step=on_step)
+                                        candidates=req.candidates, compile=s.compile,
+                                        on_step=on_step)
             except ClientGone:
                 return
             except (ValueError, TypeError) as e:
@@ -454,7 +459,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
                 flush_warnings()
                 self._event({"type": "done", "images": [png_data_url(im) for im in images],
                              "seed": req.seed, "size": req.size, "steps": req.steps,
-                             "cfg": req.cfg, "seconds": round(time.perf_counter() - t0, 2)})
+                             "cfg": req.cfg, "candidates": req.candidates,
+                             "seconds": round(time.perf_counter() - t0, 2)})
             except OSError:
                 return
 

@@ -66,6 +66,7 @@ async function loadInfo() {
     const d = info.defaults;
     $("n").value = d.n; $("n").max = limits.max_images;
     $("seed").value = d.seed; $("cfg").value = d.cfg; $("steps").value = d.steps;
+    $("candidates").value = d.candidates; $("candidates").max = limits.max_candidates;
     document.body.dataset.ready = "1";
   } catch (e) {
     $("model-info").textContent = `could not reach the server: ${e.message}`;
@@ -102,6 +103,7 @@ async function generate(event) {
   const body = {
     prompt: $("prompt").value,
     n: $("n").value, seed: $("seed").value, cfg: $("cfg").value, steps: $("steps").value,
+    candidates: $("candidates").value,
   };
   button.disabled = true;
   button.textContent = "Generating…";
@@ -115,7 +117,8 @@ async function generate(event) {
     });
     if (!r.ok) throw new Error(await errorText(r));
     const n = Math.max(1, parseInt(body.n, 10) || 1);
-    const slots = makeSlots(n);
+    // every candidate fills in live; the model's picks replace them when done
+    let slots = makeSlots(n * Math.max(1, parseInt(body.candidates, 10) || 1));
     $("progress").hidden = false;
     $("gen-status").textContent = "starting…";
     for await (const ev of readEvents(r)) {
@@ -137,6 +140,11 @@ async function generate(event) {
       } else if (ev.type === "done") {
         finished = true;
         bar.style.width = "100%";
+        if (slots.length !== ev.images.length) {
+          const previews = $("images").dataset.previews;
+          slots = makeSlots(ev.images.length);
+          $("images").dataset.previews = previews;
+        }
         ev.images.forEach((src, i) => {
           const fig = slots[i];
           if (!fig) return;
@@ -153,7 +161,9 @@ async function generate(event) {
           cap.appendChild(link);
         });
         $("gen-status").textContent =
-          `${ev.images.length} image(s), ${ev.size} px, ${ev.steps} steps, cfg ${ev.cfg}, ` +
+          `${ev.images.length} image(s)` +
+          (ev.candidates > 1 ? `, each the best of ${ev.candidates}` : "") +
+          `, ${ev.size} px, ${ev.steps} steps, cfg ${ev.cfg}, ` +
           `seed ${ev.seed} · ${ev.seconds} s`;
       } else if (ev.type === "error") {
         finished = true;
