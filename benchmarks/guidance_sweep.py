@@ -24,10 +24,9 @@ import torch
 from harmon import Harmon
 from harmon.data.shapeworld import GENEVAL_TAGS
 from harmon.eval.model_eval import evaluate_generation
+from harmon.eval.shapes_cli import SHORT_TAGS
 
 HERE = Path(__file__).resolve().parent
-SHORT = {"single_object": "single", "two_object": "two", "counting": "count", "colors": "colour",
-         "position": "pos", "color_attr": "attr"}
 
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples: int, seed: int,
@@ -55,7 +54,7 @@ def print_row(row: dict) -> None:
     s = row["summary"]
     cats = s["categories"]
     held = s.get("heldout", {}).get("overall")
-    parts = [f"{SHORT[t]} {cats[t]['correct']:>3}/{cats[t]['images']:<3}" for t in GENEVAL_TAGS
+    parts = [f"{SHORT_TAGS[t]} {cats[t]['correct']:>3}/{cats[t]['images']:<3}" for t in GENEVAL_TAGS
              if t in cats]
     overall = "-" if s["overall"] is None else f"{s['overall']:.3f}"
     print(f"cfg {row['cfg']:>4g} {row['cfg_schedule']:<8}  temp {row['temperature']:>4g}  steps {row['steps']:>3}  "

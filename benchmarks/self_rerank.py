@@ -1,8 +1,8 @@
 """Best of N by the model's own judgement: does reading its images back make its drawing better?
 
 Harmon is one model for both directions, so it can check its own work: ``generate(prompt,
-candidates=C)`` draws C images and keeps the one whose caption likelihood for the prompt is
-highest (``Harmon.score``). This measures what that buys on the ShapeWorld judge's evaluation
+candidates=C)`` draws C images and keeps the one the model itself scores highest against the
+prompt (``Harmon.score``: by default P(yes) to "Is there {prompt} in the image?"). This measures what that buys on the ShapeWorld judge's evaluation
 prompts, side by side in one run: every prompt's C candidates are drawn once (exactly the draws
 ``generate(candidates=C)`` makes, batches of 16 prompts as ``harmon eval model``), each is judged
 and scored, and the picks are compared:
@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 
 from harmon import Harmon
-from harmon.pipeline import SCORE_METHODS
 from harmon.data.shapeworld import GENEVAL_TAGS
 from harmon.eval.judge import judge_image, summarize
 from harmon.eval.model_eval import generate_for_specs
 from harmon.eval.prompts import eval_prompts
+from harmon.eval.shapes_cli import SHORT_TAGS
+from harmon.pipeline import SCORE_METHODS
 
 HERE = Path(__file__).resolve().parent
-SHORT = {"single_object": "single", "two_object": "two", "counting": "count", "colors": "colour",
-         "position": "pos", "color_attr": "attr"}
 
 
 def measure(model: Harmon, candidates: int, seed: int, limit: int | None) -> dict:
@@ -46,8 +45,12 @@ def measure(model: Harmon, candidates: int, seed: int, limit: int | None) -> dic
     images = generate_for_specs(model, specs, candidates, seed=seed)
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
-    scores = {m: {s.prompt: model.score(images[s.prompt], s.prompt, method=m).tolist()
-                  for s in specs} for m in SCORE_METHODS}
+    pool = [im for s in specs for im in images[s.prompt]]  # prompt-major, C per prompt
+    texts = [s.prompt for s in specs for _ in range(candidates)]
+    scores = {}
+    for m in SCORE_METHODS:
+        flat = model.score(pool, texts, method=m).view(len(specs), candidates).tolist()
+        scores[m] = {s.prompt: row for s, row in zip(specs, flat)}
     t_score = time.perf_counter() - t0
     verdicts = {s.prompt: [judge_image(im, s) for im in images[s.prompt]] for s in specs}
 
@@ -80,7 +83,7 @@ def print_table(result: dict) -> None:
         held = s.get("heldout", {})
         right = sum(c["correct"] for c in cats.values()) + \
             sum(c["correct"] for c in held.get("categories", {}).values())
-        parts = [f"{SHORT[t]} {cats[t]['accuracy']:.2f}" for t in GENEVAL_TAGS if t in cats]
+        parts = [f"{SHORT_TAGS[t]} {cats[t]['accuracy']:.2f}" for t in GENEVAL_TAGS if t in cats]
         held_s = "-" if held.get("overall") is None else f"{held['overall']:.3f}"
         print(f"{name:<20} {s['overall']:>7.3f} {held_s:>8}  " + "  ".join(parts)
               + f"  (right: {right})")

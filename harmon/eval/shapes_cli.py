@@ -24,6 +24,10 @@ from .judge import (FAILURE_KINDS, ImageLoadError, JudgeResult, detect, judge_de
                     load_image, summarize)
 from .prompts import eval_prompts, read_geneval_folder, write_metadata_jsonl, write_reference_folder
 
+#: Short category names for one-line summaries (the benchmarks' rows).
+SHORT_TAGS = {"single_object": "single", "two_object": "two", "counting": "count",
+              "colors": "colour", "position": "pos", "color_attr": "attr"}
+
 
 def evaluate_folder(root: str | Path, skip_corrupt: bool = False, progress: bool = False
                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
