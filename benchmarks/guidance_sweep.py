@@ -1,5 +1,6 @@
 """The ShapeWorld judge's scores as the sampling settings change: guidance scale and its schedule,
-temperature and number of steps, one setting per row, the same prompts and seeds in every row.
+temperature, number of steps and rounds of self-correction, one setting per row, the same prompts
+and seeds in every row.
 
 Papers report FID against the guidance scale as a curve; this is that curve for the judge, so that a
 model's default settings can be chosen from a measurement. Every evaluation prompt of both splits
@@ -9,6 +10,7 @@ does; the time per image is measured on the same run (batches of 16 prompts).
     python benchmarks/guidance_sweep.py                                  # the shipped model
     python benchmarks/guidance_sweep.py --cfg 3 5 --cfg-schedule constant linear --temperature 0.8 1
     python benchmarks/guidance_sweep.py --checkpoint runs/X/final --limit 60 --out /tmp/sweep.json
+    python benchmarks/guidance_sweep.py --cfg 3 --refine 0 3 --out benchmarks/results/refine.json
 """
 
 from __future__ import annotations
@@ -29,21 +31,21 @@ from harmon.eval.shapes_cli import SHORT_TAGS
 HERE = Path(__file__).resolve().parent
 
 
-def sweep(model: Harmon, settings: list[tuple[float, str, float, int]], samples: int, seed: int,
-          limit: int | None, on_row=None) -> list[dict]:
-    """One row per ``(cfg, cfg_schedule, temperature, steps)``: the judge's summary and seconds per
-    image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON there, so a sweep
+def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
+          seed: int, limit: int | None, on_row=None) -> list[dict]:
+    """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
+    seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON there, so a sweep
     stopped half-way keeps the rows it measured)."""
     rows = []
-    for cfg, schedule, temperature, steps in settings:
+    for cfg, schedule, temperature, steps, refine in settings:
         t0 = time.perf_counter()
         summary = evaluate_generation(model, samples=samples, seed=seed, limit=limit, progress=False,
                                       cfg=cfg, cfg_schedule=schedule, temperature=temperature,
-                                      steps=steps)
+                                      steps=steps, refine=refine)
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
-                     "summary": summary, "images": n, "seconds_per_image": seconds / max(n, 1)})
+                     "refine": refine, "summary": summary, "images": n, "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
         if on_row is not None:
             on_row(rows)
@@ -58,6 +60,7 @@ def print_row(row: dict) -> None:
              if t in cats]
     overall = "-" if s["overall"] is None else f"{s['overall']:.3f}"
     print(f"cfg {row['cfg']:>4g} {row['cfg_schedule']:<8}  temp {row['temperature']:>4g}  steps {row['steps']:>3}  "
+          f"refine {row['refine']}  "
           f"overall {overall}  held-out {'-' if held is None else f'{held:.3f}'}  "
           + "  ".join(parts) + f"  {row['seconds_per_image']:.2f} s/image", flush=True)
 
@@ -69,6 +72,7 @@ def main() -> None:
     p.add_argument("--cfg-schedule", nargs="+", default=["constant"], choices=["constant", "linear"])
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--steps", type=int, nargs="+", default=[64])
+    p.add_argument("--refine", type=int, nargs="+", default=[0], help="rounds of self-correction")
     p.add_argument("--samples", type=int, default=1, help="images per prompt")
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -77,7 +81,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = Harmon.from_pretrained(args.checkpoint)
-    settings = list(itertools.product(args.cfg, args.cfg_schedule, args.temperature, args.steps))
+    settings = list(itertools.product(args.cfg, args.cfg_schedule, args.temperature, args.steps,
+                                      args.refine))
     print(f"{model.name}: {len(settings)} settings, {args.samples} image(s) per prompt, seed {args.seed}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 EXAMPLES = """examples:
   harmon generate "a red circle" "two blue squares" -n 2 --seed 0 -o samples/
   harmon generate "a red circle and a blue star" --candidates 4   # best of 4, by the model itself
+  harmon generate "a red circle and a blue star" --refine 3       # 3 rounds of self-correction
   harmon generate "a green star" --checkpoint /models/harmon_1.5b.pth --size 512 --device cuda
   harmon ask photo.png "What colour is the circle?"
   harmon caption photo.png
@@ -104,7 +105,8 @@ def cmd_generate(args) -> int:
                                 head_steps=args.head_steps, head_sampler=args.head_sampler,
                                 head_eta=args.head_eta, compile=args.compile,
                                 candidates=args.candidates, rerank=args.rerank,
-                                on_step=progress)
+                                refine=args.refine, refine_fraction=args.refine_fraction,
+                                refine_steps=args.refine_steps, on_step=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -181,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rerank", default="yes", choices=["yes", "caption"],
                    help="how the model compares candidates: yes = p(yes | 'Is there PROMPT in "
                         "the image?'), caption = p(PROMPT | 'Describe the image briefly.')")
+    g.add_argument("--refine", type=int, default=0,
+                   help="rounds of self-correction after the K steps: re-mask the tokens that "
+                        "fit the rest worst and sample them again (default 0)")
+    g.add_argument("--refine-fraction", type=float, default=0.15,
+                   help="share of the tokens re-masked per round")
+    g.add_argument("--refine-steps", type=int, default=4, help="steps per round")
     g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     g.add_argument("--steps", type=int, default=None,

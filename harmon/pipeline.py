@@ -228,7 +228,8 @@ class Harmon:
                  on_step: Callable[[StepInfo], None] | None = None,
                  output: str = "pil", mode: str = "fast", compile: bool = False,
                  head_steps: int | None = None, head_sampler: str = "ddpm",
-                 head_eta: float = 0.0) -> list[Image.Image] | torch.Tensor:
+                 head_eta: float = 0.0, refine: int = 0, refine_fraction: float = 0.15,
+                 refine_steps: int = 4) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
         Args:
@@ -254,6 +255,11 @@ class Harmon:
                 model's 100). Fewer steps are faster and approximate (not the reference's output).
             head_sampler: with mode "fast", "ddpm" (the reference's ancestral update) or "ddim"
                 (approximate, for few head steps); head_eta is DDIM's noise level (0..1).
+            refine: rounds of self-correction after the K steps (default 0: the paper's
+                algorithm). Each round re-masks the ``refine_fraction`` of each image's tokens
+                that the model finds fit the rest worst and samples them again in
+                ``refine_steps`` steps (:func:`harmon.generate.sample_tokens`); a round runs the
+                network 4 times to measure the fit, then ``refine_steps`` sampling steps.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -305,7 +311,8 @@ class Harmon:
             tokens = sample_tokens(self.model, ids, mask, grid, draws, num_iter=steps, cfg=cfg,
                                    cfg_schedule=cfg_schedule, temperature=temperature,
                                    on_step=on_step, head_sampler=head,
-                                   fast_step=mode == "fast")
+                                   fast_step=mode == "fast", refine=refine,
+                                   refine_fraction=refine_fraction, refine_steps=refine_steps)
         finally:
             self.model.mar.pos_cache = None
         P = len(prompts) * n

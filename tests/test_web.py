@@ -134,6 +134,19 @@ def test_generate_best_of_candidates(server, tiny_harmon):
         [im.tobytes() for im in direct]
 
 
+def test_generate_with_self_correction(server, tiny_harmon):
+    status, raw = call(server, "/api/generate", {"prompt": "a red circle", "seed": 2, "steps": 2,
+                                                 "refine": 2})
+    evs = events(raw)
+    assert status == 200 and evs[-1]["type"] == "done" and evs[-1]["refine"] == 2
+    progress = [e for e in evs if e["type"] == "progress"]
+    # 4 tokens: one re-masked and re-drawn in one step per round
+    assert [e["step"] for e in progress] == [1, 2, 3, 4] and progress[0]["steps"] == 4
+    direct = tiny_harmon.generate("a red circle", size=32, steps=2, seed=2, refine=2)
+    assert [decode_data_url(u).convert("RGB").tobytes() for u in evs[-1]["images"]] == \
+        [im.tobytes() for im in direct]
+
+
 def test_long_prompt_is_truncated_with_a_warning_and_seed_reported(server):
     status, raw = call(server, "/api/generate", {"prompt": "a red circle " * 40, "seed": "",
                                                  "size": 16, "steps": 1})
@@ -153,6 +166,7 @@ def test_long_prompt_is_truncated_with_a_warning_and_seed_reported(server):
     ({"prompt": "a", "cfg": 0.5}, 400, "cfg must be between 1"),
     ({"prompt": "a", "n": 50}, 400, "n must be between 1 and 4"),
     ({"prompt": "a", "candidates": 0}, 400, "candidates must be between 1 and 8"),
+    ({"prompt": "a", "refine": 9}, 400, "refine must be between 0 and 8"),
     ({"prompt": "a", "seed": "abc"}, 400, "seed must be an integer"),
     ({"prompt": "a", "size": 40}, 400, "multiple of 16"),
     ({"prompt": "a", "cfg_schedule": "cubic"}, 400, "cfg_schedule"),
@@ -297,6 +311,7 @@ def test_page_in_headless_chromium(server, tmp_path):
             page.fill("#prompt", "a red circle to the left of a blue square")
             page.fill("#seed", "5")
             page.fill("#candidates", "2")
+            page.fill("#refine", "1")
             page.click("#generate")
             page.wait_for_selector("#images img.final")
             assert page.locator("#images img").count() == 1  # the pick of the two candidates
@@ -304,6 +319,7 @@ def test_page_in_headless_chromium(server, tmp_path):
             assert int(page.get_attribute("#images", "data-previews")) >= 1  # live preview seen
             assert page.eval_on_selector("#images img.final", "img => img.naturalWidth") == 32
             assert "seed 5" in page.inner_text("#gen-status")
+            assert "1 round(s) of self-correction" in page.inner_text("#gen-status")
             assert "best of 2" in page.inner_text("#gen-status")
 
             page.set_input_files("#image", str(upload))

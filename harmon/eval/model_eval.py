@@ -89,6 +89,8 @@ def add_eval_model_command(subparsers) -> None:
     p.add_argument("--candidates", type=int, default=1,
                    help="best of N images by the model's own score (harmon generate --candidates)")
     p.add_argument("--rerank", default="yes", choices=["yes", "caption"])
+    p.add_argument("--refine", type=int, default=0,
+                   help="rounds of self-correction per image (harmon generate --refine)")
     _add_model_args(p)
     p.set_defaults(func=_cmd_eval_model)
 
@@ -101,16 +103,18 @@ def _cmd_eval_model(args) -> int:
     out = Path(args.out) if args.out else None
     gen = evaluate_generation(model, args.samples, seed=args.seed,
                               out_dir=out / "images" if out else None, mode=args.mode,
-                              candidates=args.candidates, rerank=args.rerank)
+                              candidates=args.candidates, rerank=args.rerank,
+                              refine=args.refine)
     vqa = evaluate_understanding(model, args.vqa_images, seed=args.seed)
     best = f" (each image the best of {args.candidates} by --rerank {args.rerank})" \
         if args.candidates > 1 else ""
+    best += f" ({args.refine} rounds of self-correction)" if args.refine else ""
     print(format_table(gen, title=f"generation: {model.name}{best}"))
     print(f"understanding: {json.dumps(_vqa_summary(vqa))}")
     scores = {"model": model.name, "generation": gen, "understanding": vqa,
               "seconds": time.perf_counter() - t0, "samples": args.samples,
               "vqa_images": args.vqa_images, "seed": args.seed, "candidates": args.candidates,
-              "rerank": args.rerank}
+              "rerank": args.rerank, "refine": args.refine}
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=1, default=str))

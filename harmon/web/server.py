@@ -5,7 +5,7 @@ Standard library only: a :class:`http.server.ThreadingHTTPServer` serves the sta
 
     GET  /                  the page (index.html, app.js, style.css)
     GET  /api/info          model name, device, dtype, ``trained``, page defaults and limits
-    POST /api/generate      JSON {prompt, n, seed, cfg, steps, candidates?, size?} ->
+    POST /api/generate      JSON {prompt, n, seed, cfg, steps, candidates?, refine?, size?} ->
                             text/event-stream:
                             queued?, warning*, progress (with previews)*, then done or error
     POST /api/answer        multipart/form-data (image, question) or JSON {image: base64 or
@@ -61,6 +61,7 @@ class ServerSettings:
     max_new_tokens: int = 256  # answer length unless the request asks for less
     max_images: int = 4  # images per generate request
     max_candidates: int = 8  # draws per image kept (best of N by the model's own score)
+    max_refine: int = 8  # rounds of self-correction per image
     max_size: int = 1024  # largest generation size a request may ask for
     max_body_bytes: int = 20 * 2 ** 20  # larger request bodies get 413
     max_image_side: int = 2048  # uploads with a longer side are downscaled before answering
@@ -152,6 +153,7 @@ class GenerateRequest:
     cfg_schedule: str = "constant"
     temperature: float = 1.0
     candidates: int = 1
+    refine: int = 0
 
 
 def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateRequest:
@@ -179,7 +181,8 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         steps=_number(body, "steps", min(settings.steps, h * w), 1, h * w, True),
         size=size, cfg_schedule=schedule,
         temperature=_number(body, "temperature", 1.0, 1e-3, 10.0, False),
-        candidates=_number(body, "candidates", 1, 1, settings.max_candidates, True))
+        candidates=_number(body, "candidates", 1, 1, settings.max_candidates, True),
+        refine=_number(body, "refine", 0, 0, settings.max_refine, True))
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
@@ -375,8 +378,9 @@ class HarmonHandler(BaseHTTPRequestHandler):
         info["warning"] = None if model.trained else \
             "random weights: images and answers are noise until trained weights are loaded"
         info["defaults"] = {"n": 1, "seed": 0, "cfg": s.cfg, "steps": s.steps, "candidates": 1,
-                            "size": s.size or model.cfg.image_size}
-        info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates, "max_body_bytes": s.max_body_bytes,
+                            "refine": 0, "size": s.size or model.cfg.image_size}
+        info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates,
+                          "max_refine": s.max_refine, "max_body_bytes": s.max_body_bytes,
                           "max_image_side": s.max_image_side, "max_prompt_tokens": 128,
                           "size_multiple": model.cfg.mar.vae_stride,
                           "max_question_chars": s.max_question_chars}
@@ -441,7 +445,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
                                         steps=req.steps, cfg=req.cfg,
                                         cfg_schedule=req.cfg_schedule,
                                         temperature=req.temperature, seed=req.seed,
-                                        candidates=req.candidates, compile=s.compile,
+                                        candidates=req.candidates, refine=req.refine,
+                                        compile=s.compile,
                                         on_step=on_step)
             except ClientGone:
                 return
@@ -460,6 +465,7 @@ class HarmonHandler(BaseHTTPRequestHandler):
                 self._event({"type": "done", "images": [png_data_url(im) for im in images],
                              "seed": req.seed, "size": req.size, "steps": req.steps,
                              "cfg": req.cfg, "candidates": req.candidates,
+                             "refine": req.refine,
                              "seconds": round(time.perf_counter() - t0, 2)})
             except OSError:
                 return

@@ -67,6 +67,7 @@ async function loadInfo() {
     $("n").value = d.n; $("n").max = limits.max_images;
     $("seed").value = d.seed; $("cfg").value = d.cfg; $("steps").value = d.steps;
     $("candidates").value = d.candidates; $("candidates").max = limits.max_candidates;
+    $("refine").value = d.refine; $("refine").max = limits.max_refine;
     document.body.dataset.ready = "1";
   } catch (e) {
     $("model-info").textContent = `could not reach the server: ${e.message}`;
@@ -103,7 +104,7 @@ async function generate(event) {
   const body = {
     prompt: $("prompt").value,
     n: $("n").value, seed: $("seed").value, cfg: $("cfg").value, steps: $("steps").value,
-    candidates: $("candidates").value,
+    candidates: $("candidates").value, refine: $("refine").value,
   };
   button.disabled = true;
   button.textContent = "Generating…";
@@ -163,6 +164,7 @@ async function generate(event) {
         $("gen-status").textContent =
           `${ev.images.length} image(s)` +
           (ev.candidates > 1 ? `, each the best of ${ev.candidates}` : "") +
+          (ev.refine > 0 ? `, ${ev.refine} round(s) of self-correction` : "") +
           `, ${ev.size} px, ${ev.steps} steps, cfg ${ev.cfg}, ` +
           `seed ${ev.seed} · ${ev.seconds} s`;
       } else if (ev.type === "error") {
