@@ -10,7 +10,8 @@ does; the time per image is measured on the same run (batches of 16 prompts).
     python benchmarks/guidance_sweep.py                                  # the shipped model
     python benchmarks/guidance_sweep.py --cfg 3 5 --cfg-schedule constant linear --temperature 0.8 1
     python benchmarks/guidance_sweep.py --checkpoint runs/X/final --limit 60 --out /tmp/sweep.json
-    python benchmarks/guidance_sweep.py --cfg 3 --refine 0 3 --out benchmarks/results/refine.json
+    python benchmarks/guidance_sweep.py --cfg 3 --refine 0 3 --seed 1 \
+        --out benchmarks/results/refine_seed1.json
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
           seed: int, limit: int | None, on_row=None) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
-    seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON there, so a sweep
-    stopped half-way keeps the rows it measured)."""
+    seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
+    there, so a sweep stopped half-way keeps the rows it measured)."""
     rows = []
     for cfg, schedule, temperature, steps, refine in settings:
         t0 = time.perf_counter()
@@ -45,7 +46,8 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], sam
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
-                     "refine": refine, "summary": summary, "images": n, "seconds_per_image": seconds / max(n, 1)})
+                     "refine": refine, "summary": summary, "images": n,
+                     "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
         if on_row is not None:
             on_row(rows)
