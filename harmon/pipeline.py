@@ -366,10 +366,7 @@ class Harmon:
         if len(questions) != len(images):
             raise ValueError(f"got {len(images)} image(s) but {len(questions)} question(s); pass "
                              "one question per image or a single question for all")
-        extra = self.answer_instruction if instruction is None else instruction
-        if extra:
-            questions = [q if not isinstance(q, str) or not q.strip() or extra in q
-                         else f"{q.rstrip()}\n{extra}" for q in questions]
+        questions = self._with_instruction(questions, instruction)
         img = self._image_inputs(images, size)  # (B, N+64, H)
         rows = [self.tokenizer.question_ids(q, img.shape[1]) for q in questions]
         L = max(len(r) for r in rows)
@@ -431,13 +428,22 @@ class Harmon:
                     (BRIEF_CAPTION_QUESTION, self.tokenizer.encode(t.strip()) + end)
                     for t in chunk]))
                 continue
-            extra = f"\n{self.answer_instruction}" if self.answer_instruction else ""
-            questions = [f"Is there {t.strip()} in the image?{extra}" for t in chunk]
+            questions = self._with_instruction([f"Is there {t.strip()} in the image?"
+                                                for t in chunk])
             yes = [self._answer_log_likelihood(img, [(q, self.tokenizer.encode(word))
                                                      for q in questions])
                    for word in ("yes", "Yes")]
             out.append(torch.logaddexp(*yes))
         return torch.cat(out)
+
+    def _with_instruction(self, questions: list, instruction: str | None = None) -> list:
+        """Each question with the answer instruction on a line of its own (None: the model's;
+        "": none), unless it already holds it; non-strings and blanks are left for the caller."""
+        extra = self.answer_instruction if instruction is None else instruction
+        if not extra:
+            return questions
+        return [q if not isinstance(q, str) or not q.strip() or extra in q
+                else f"{q.rstrip()}\n{extra}" for q in questions]
 
     def _image_inputs(self, images: list, size: int | None) -> torch.Tensor:
         """Images -> (B, N+64, H) LLM inputs of the understanding path."""
