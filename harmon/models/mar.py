@@ -232,6 +232,27 @@ class MAR(nn.Module):
                                       self.cfg.decoder_embed_dim).to(ref)
         self.cfg.local_conv = width
 
+    def add_decoder_blocks(self, n: int) -> None:
+        """Append ``n`` decoder blocks whose residual branches start at zero (the attention's and
+        the MLP's output projections), so the model's outputs are unchanged until they train;
+        sets ``cfg.decoder_depth`` so checkpoints record it. A way to give a trained generator
+        more depth without touching the encoder (not part of Harmon: an option for small models)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ValueError(f"the number of decoder blocks to add must be a positive integer, "
+                             f"got {n!r}")
+        cfg, ref = self.cfg, self.decoder_norm.weight
+        for _ in range(n):
+            blk = Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps,
+                        cfg.attn_dropout, cfg.proj_dropout)
+            for lin in (blk.attn.qkv, blk.mlp.fc1):
+                nn.init.xavier_uniform_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            self.decoder_blocks.append(blk.to(ref).train(self.training))
+        cfg.decoder_depth = len(self.decoder_blocks)
+
     def pos_embed(self, table: torch.Tensor, grid: tuple[int, int], prefix: int) -> torch.Tensor:
         if self.pos_cache is None:
             return resize_pos_embed(table, grid, self.cfg.seq_h, prefix)

@@ -57,8 +57,16 @@ class ModelConfig:
     # architecture): a random start builds them, an init checkpoint without them gets them
     # zero-initialised (its outputs unchanged at step 0); 0 = whatever the model has
     local_conv: int = 0
+    # decoder blocks appended to the init checkpoint's MAR decoder when the run starts, their
+    # residual branches zero-initialised (harmon.models.mar.MAR.add_decoder_blocks; not Harmon's
+    # architecture): more depth for the generator alone. 0 = none
+    add_decoder_blocks: int = 0
 
     def __post_init__(self):
+        if isinstance(self.add_decoder_blocks, bool) or not isinstance(self.add_decoder_blocks, int) \
+                or self.add_decoder_blocks < 0:
+            raise ValueError("model.add_decoder_blocks must be an integer >= 0, got "
+                             f"{self.add_decoder_blocks!r}")
         if isinstance(self.local_conv, bool) or not isinstance(self.local_conv, int) \
                 or self.local_conv < 0:
             raise ValueError(f"model.local_conv must be an integer >= 0, got {self.local_conv!r}")

@@ -150,6 +150,14 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
         source += f", local convolutions of width {mc.local_conv} added (zero-initialised)"
     elif model.cfg.mar.local_conv:
         source += f", local convolutions of width {model.cfg.mar.local_conv}"
+    if mc.add_decoder_blocks:
+        if not mc.init:
+            raise ValueError("model.add_decoder_blocks grows a trained model (model.init); a random "
+                             "start sets the depth in its preset")
+        depth = model.cfg.mar.decoder_depth
+        model.mar.add_decoder_blocks(mc.add_decoder_blocks)
+        source += (f", decoder {depth} -> {model.cfg.mar.decoder_depth} blocks (the new ones "
+                   "zero-initialised)")
     set_dropout(model, mc.dropout)
 
     tok_dir = mc.tokenizer
