@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
-          seed: int, limit: int | None, on_row=None) -> list[dict]:
+          seed: int, limit: int | None, on_row=None, refine_fraction: float = 0.15,
+          refine_steps: int = 4) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
     seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
     there, so a sweep stopped half-way keeps the rows it measured)."""
@@ -42,11 +43,13 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], sam
         t0 = time.perf_counter()
         summary = evaluate_generation(model, samples=samples, seed=seed, limit=limit, progress=False,
                                       cfg=cfg, cfg_schedule=schedule, temperature=temperature,
-                                      steps=steps, refine=refine)
+                                      steps=steps, refine=refine, refine_fraction=refine_fraction,
+                                      refine_steps=refine_steps)
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
-                     "refine": refine, "summary": summary, "images": n,
+                     "refine": refine, "refine_fraction": refine_fraction,
+                     "refine_steps": refine_steps, "summary": summary, "images": n,
                      "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
         if on_row is not None:
@@ -75,6 +78,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--steps", type=int, nargs="+", default=[64])
     p.add_argument("--refine", type=int, nargs="+", default=[0], help="rounds of self-correction")
+    p.add_argument("--refine-fraction", type=float, default=0.15,
+                   help="share of the tokens each round draws again")
+    p.add_argument("--refine-steps", type=int, default=4, help="steps of each round")
     p.add_argument("--samples", type=int, default=1, help="images per prompt")
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)
@@ -94,7 +100,8 @@ def main() -> None:
                                    "samples": args.samples, "seed": args.seed, "limit": args.limit,
                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
 
-    sweep(model, settings, args.samples, args.seed, args.limit, on_row=write)
+    sweep(model, settings, args.samples, args.seed, args.limit, on_row=write,
+          refine_fraction=args.refine_fraction, refine_steps=args.refine_steps)
     print(f"wrote {out}")
 
 

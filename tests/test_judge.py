@@ -590,21 +590,23 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
 
     def recording_generate(prompts, **kw):
         calls.append((kw["cfg"], kw["cfg_schedule"], kw["temperature"], kw["steps"],
-                      kw["refine"], kw["seed"]))
+                      kw["refine"], kw["seed"], kw["refine_fraction"], kw["refine_steps"]))
         return generate(prompts, **kw)
 
     model.generate = recording_generate
     settings = [(1.0, "constant", 1.0, 8, 0), (4.0, "linear", 0.5, 4, 1)]
     seen = []  # what on_row is handed after each row: the rows so far
     rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2,
-                        on_row=lambda rs: seen.append(len(rs)))
+                        on_row=lambda rs: seen.append(len(rs)), refine_fraction=0.3, refine_steps=2)
     assert seen == [1, 2]
-    assert calls == [s + (5,) for s in settings]  # one batch of 2 prompts per setting
+    assert calls == [s + (5, 0.3, 2) for s in settings]  # one batch of 2 prompts per setting
     assert [(r["cfg"], r["cfg_schedule"], r["temperature"], r["steps"], r["refine"])
             for r in rows] == settings
+    assert all(r["refine_fraction"] == 0.3 and r["refine_steps"] == 2 for r in rows)
     assert [r["images"] for r in rows] == [2, 2]
     direct = evaluate_generation(model, samples=1, seed=5, limit=2, progress=False, cfg=4.0,
-                                 cfg_schedule="linear", temperature=0.5, steps=4, refine=1)
+                                 cfg_schedule="linear", temperature=0.5, steps=4, refine=1,
+                                 refine_fraction=0.3, refine_steps=2)
     assert rows[1]["summary"] == direct
     assert "cfg    4 linear" in capsys.readouterr().out
 
