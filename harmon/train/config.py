@@ -63,13 +63,10 @@ class ModelConfig:
     add_decoder_blocks: int = 0
 
     def __post_init__(self):
-        if isinstance(self.add_decoder_blocks, bool) or not isinstance(self.add_decoder_blocks, int) \
-                or self.add_decoder_blocks < 0:
-            raise ValueError("model.add_decoder_blocks must be an integer >= 0, got "
-                             f"{self.add_decoder_blocks!r}")
-        if isinstance(self.local_conv, bool) or not isinstance(self.local_conv, int) \
-                or self.local_conv < 0:
-            raise ValueError(f"model.local_conv must be an integer >= 0, got {self.local_conv!r}")
+        for key in ("local_conv", "add_decoder_blocks"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"model.{key} must be an integer >= 0, got {value!r}")
         if self.grad_scale is not None and not 0.0 <= self.grad_scale <= 10.0:
             raise ValueError(f"model.grad_scale must lie in [0, 10], got {self.grad_scale}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= 1.0:
