@@ -101,6 +101,43 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 out[k] = fh.get_tensor(k)
+    return dequantize_int8(out)
+
+
+#: Prefix of the per-row scales of a weight stored in int8 (:func:`quantize_int8`).
+INT8_SCALE = "int8_scale."
+
+
+def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight matrices, convolution kernels and embedding tables (``*.weight`` of 2+ dims) as
+    int8 with one float16 scale per output row (absmax / 127), under ``int8_scale.KEY``; every
+    other tensor (biases, norms, position tables) as it is. Half the bytes of float16; the
+    rounding error of a weight is at most half a step of its row's scale."""
+    out = {}
+    for k, w in sd.items():
+        if not (k.endswith(".weight") and w.ndim >= 2 and w.is_floating_point()):
+            out[k] = w
+            continue
+        rows = w.detach().float().reshape(w.shape[0], -1)
+        scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12).half()
+        out[k] = (rows / scale.float()).round().clamp(-127, 127).to(torch.int8).reshape(w.shape)
+        out[INT8_SCALE + k] = scale.reshape(-1)
+    return out
+
+
+def dequantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`quantize_int8` (float32 weights); a state dict without int8 weights
+    is returned as it is."""
+    scales = {k[len(INT8_SCALE):]: v for k, v in sd.items() if k.startswith(INT8_SCALE)}
+    if not scales:
+        return sd
+    out = {k: v for k, v in sd.items() if not k.startswith(INT8_SCALE)}
+    for k, scale in scales.items():
+        if k not in out or out[k].dtype != torch.int8 or scale.numel() != out[k].shape[0]:
+            raise CheckpointError(f"{INT8_SCALE}{k} scales no int8 weight of {scale.numel()} rows "
+                                  "named " + repr(k))
+        w = out[k]
+        out[k] = (w.float().reshape(w.shape[0], -1) * scale.float()[:, None]).reshape(w.shape)
     return out
 
 
@@ -361,17 +398,21 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
 
 
 def save_pretrained(model: HarmonModel, path: str | Path, tokenizer=None,
-                    extra_config: dict | None = None) -> Path:
+                    extra_config: dict | None = None, int8: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json``) to a directory.
 
-    The tied output embedding is stored once. Existing files are replaced only after the new ones
-    are fully written, so an interrupted save never destroys a previous model.
+    The tied output embedding is stored once; ``int8`` stores the weight matrices in int8 with
+    per-row scales (:func:`quantize_int8`; loading gives float weights back). Existing files are
+    replaced only after the new ones are fully written, so an interrupted save never destroys a
+    previous model.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.cfg.llm.tie_word_embeddings:
         sd.pop("llm.lm_head.weight", None)
+    if int8:
+        sd = quantize_int8(sd)
     cfg = {"format": "harmon", "model": model.cfg.to_dict(), **(extra_config or {})}
     tmp = path / (MODEL_FILE + ".tmp")
     write_safetensors(sd, tmp, metadata={"format": "pt"})

@@ -160,11 +160,13 @@ class Harmon:
                    provenance=notes.get("trained_by", ""),
                    answer_instruction=notes.get("answer_instruction", ""))
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.json, model.safetensors and tokenizer.json to ``path``."""
+    def save_pretrained(self, path: str | Path, *, int8: bool = False) -> Path:
+        """Write config.json, model.safetensors and tokenizer.json to ``path`` (``int8``: weight
+        matrices in int8 with per-row scales, half the bytes of float16)."""
         extra = {k: v for k, v in (("trained_by", self.provenance),
                                    ("answer_instruction", self.answer_instruction)) if v}
-        return checkpoints.save_pretrained(self.model, path, self.tokenizer, extra_config=extra)
+        return checkpoints.save_pretrained(self.model, path, self.tokenizer, extra_config=extra,
+                                           int8=int8)
 
     def to(self, device=None, dtype=None) -> "Harmon":
         dev = resolve_device(device) if device is not None else self.device

@@ -185,6 +185,8 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
     shipped = Harmon.from_pretrained(ship(src, tmp_path / "b"), device="cpu")
     assert shipped.provenance == "harmon train (x, step 3); shipped in float16 by harmon.train.ship"
     assert loaded.answer_instruction == "Answer briefly." == shipped.answer_instruction
+    small = Harmon.from_pretrained(ship(src, tmp_path / "c", int8=True), device="cpu")
+    assert small.provenance.endswith("shipped in float16 (weight matrices int8) by harmon.train.ship")
     assert Harmon.from_pretrained("tiny").provenance == ""
     assert Harmon.from_pretrained("tiny").answer_instruction == ""
 
@@ -254,3 +256,46 @@ def test_dtype_names_and_moving_a_loaded_model():
     assert model.dtype == torch.float32
     assert model.to(dtype="bf16").dtype == torch.bfloat16 == next(model.model.parameters()).dtype
     assert model.to("cpu").dtype == torch.bfloat16  # a device alone keeps the dtype
+
+
+def test_int8_weights_round_trip_within_half_a_step(tiny_harmon, tmp_path):
+    """save_pretrained(int8=True): weight matrices stored as int8 with one scale per row (about
+    half the bytes of float16), every other tensor as it was; loading gives each weight back
+    within half its row's step, and the images within a few levels."""
+    from safetensors import safe_open
+
+    from harmon.checkpoints import INT8_SCALE
+
+    path = tiny_harmon.save_pretrained(tmp_path / "q", int8=True)
+    full = tiny_harmon.save_pretrained(tmp_path / "f")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+    assert stored["mar.z_proj.weight"].dtype == torch.int8
+    assert stored["mar.z_proj.bias"].dtype == torch.float32  # biases stay as they were
+    assert stored["mar.encoder_pos_embed_learned"].dtype == torch.float32
+    loaded = Harmon.from_pretrained(path)
+    sd, ref = loaded.model.state_dict(), tiny_harmon.model.state_dict()
+    assert sd.keys() == ref.keys()
+    for k, w in ref.items():
+        key = "llm.model.embed_tokens.weight" if k == "llm.lm_head.weight" else k  # tied, once
+        if INT8_SCALE + key in stored:
+            half_step = stored[INT8_SCALE + key].float().view(-1, *[1] * (w.ndim - 1)) / 2
+            assert ((sd[k] - w).abs() <= half_step * 1.01 + 1e-6).all(), k
+        else:
+            assert torch.equal(sd[k], w), k
+    size = lambda d: (d / "model.safetensors").stat().st_size
+    assert size(path) < 0.3 * size(full)  # int8 against float32 here
+    a = tiny_harmon.generate("a red circle", steps=4, seed=0, output="uint8")
+    b = loaded.generate("a red circle", steps=4, seed=0, output="uint8")
+    assert (a.int() - b.int()).abs().float().mean() < 8
+
+
+def test_int8_scales_that_match_no_weight_are_refused(tmp_path):
+    from harmon.checkpoints import dequantize_int8, quantize_int8
+
+    sd = quantize_int8({"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)})
+    assert sd["a.weight"].dtype == torch.int8 and sd["a.bias"].dtype == torch.float32
+    with pytest.raises(CheckpointError, match="scales no int8 weight"):
+        dequantize_int8({**sd, "a.weight": torch.randn(4, 3)})
+    with pytest.raises(CheckpointError, match="scales no int8 weight"):
+        dequantize_int8({"int8_scale.b.weight": torch.ones(2, dtype=torch.float16)})

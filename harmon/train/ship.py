@@ -1,6 +1,7 @@
 """Package a trained model for shipping: float16 weights, tokenizer and config in one folder.
 
     python -m harmon.train.ship runs/shapeworld_model_stage3/final harmon/assets/shapeworld
+    python -m harmon.train.ship runs/NAME/final /tmp/small --int8   # weight matrices in int8
 
 Loading converts the weights back to the dtype asked for (float32 on CPU by default).
 """
@@ -17,12 +18,15 @@ from ..pipeline import Harmon
 LIMIT_MIB = 16
 
 
-def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Write ``src`` (a model directory) to ``dst`` in ``dtype``, keeping its provenance note."""
+def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
+         int8: bool = False) -> Path:
+    """Write ``src`` (a model directory) to ``dst`` in ``dtype`` (``int8``: its weight matrices
+    in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
+    stored = str(dtype).replace('torch.', '') + (" (weight matrices int8)" if int8 else "")
     model.provenance = (f"{model.provenance}; " if model.provenance else "") + \
-        f"shipped in {str(dtype).replace('torch.', '')} by harmon.train.ship"
-    out = model.save_pretrained(dst)
+        f"shipped in {stored} by harmon.train.ship"
+    out = model.save_pretrained(dst, int8=int8)
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
     if size > LIMIT_MIB:
         raise ValueError(f"the shipped model would take {size:.1f} MiB, over the {LIMIT_MIB} MiB "
@@ -32,6 +36,7 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16) -
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m harmon.train.ship SRC_MODEL_DIR DST_DIR")
-    ship(sys.argv[1], sys.argv[2])
+    args = [a for a in sys.argv[1:] if a != "--int8"]
+    if len(args) != 2:
+        sys.exit("usage: python -m harmon.train.ship SRC_MODEL_DIR DST_DIR [--int8]")
+    ship(args[0], args[1], int8="--int8" in sys.argv[1:])
