@@ -110,7 +110,7 @@ INT8_SCALE = "int8_scale."
 
 def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weight matrices, convolution kernels and embedding tables (``*.weight`` of 2+ dims) as
-    int8 with one float16 scale per output row (absmax / 127), under ``int8_scale.KEY``; every
+    int8 with one float32 scale per output row (absmax / 127), under ``int8_scale.KEY``; every
     other tensor (biases, norms, position tables) as it is. Half the bytes of float16; the
     rounding error of a weight is at most half a step of its row's scale."""
     out = {}
@@ -119,8 +119,9 @@ def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[k] = w
             continue
         rows = w.detach().float().reshape(w.shape[0], -1)
-        scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12).half()
-        out[k] = (rows / scale.float()).round().clamp(-127, 127).to(torch.int8).reshape(w.shape)
+        # float32 scales: a zero-initialised layer's rows (scale 0) and tiny ones stay exact
+        scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-30)
+        out[k] = (rows / scale).round().clamp(-127, 127).to(torch.int8).reshape(w.shape)
         out[INT8_SCALE + k] = scale.reshape(-1)
     return out
 

@@ -293,8 +293,13 @@ def test_int8_weights_round_trip_within_half_a_step(tiny_harmon, tmp_path):
 def test_int8_scales_that_match_no_weight_are_refused(tmp_path):
     from harmon.checkpoints import dequantize_int8, quantize_int8
 
-    sd = quantize_int8({"a.weight": torch.randn(4, 3), "a.bias": torch.randn(4)})
+    w = torch.randn(4, 3)
+    w[1] = 0.0  # a zero-initialised row, and a tiny one, come back as they were
+    w[2] = torch.tensor([1e-9, -2e-9, 0.0])
+    sd = quantize_int8({"a.weight": w, "a.bias": torch.randn(4)})
     assert sd["a.weight"].dtype == torch.int8 and sd["a.bias"].dtype == torch.float32
+    back = dequantize_int8(sd)["a.weight"]
+    assert torch.equal(back[1], w[1]) and torch.allclose(back[2], w[2], rtol=1e-2, atol=0)
     with pytest.raises(CheckpointError, match="scales no int8 weight"):
         dequantize_int8({**sd, "a.weight": torch.randn(4, 3)})
     with pytest.raises(CheckpointError, match="scales no int8 weight"):
