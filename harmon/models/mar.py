@@ -172,8 +172,6 @@ class MAR(nn.Module):
         self.cfg = cfg
         D_enc, D_dec = cfg.encoder_embed_dim, cfg.decoder_embed_dim
         n_pos = cfg.buffer_size + cfg.seq_h ** 2
-        block = lambda dim, heads: Block(dim, heads, cfg.mlp_ratio, cfg.norm_eps,
-                                         cfg.attn_dropout, cfg.proj_dropout)
         # encoder
         self.class_emb = nn.Embedding(cfg.class_num, D_enc)  # unused; kept so checkpoints load
         self.fake_latent = nn.Parameter(torch.zeros(1, D_enc))
@@ -182,7 +180,7 @@ class MAR(nn.Module):
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_enc))
         self.encoder_conv = LocalConv(cfg.token_dim, cfg.local_conv, D_enc) if cfg.local_conv else None
         self.encoder_blocks = nn.ModuleList(
-            [block(D_enc, cfg.encoder_num_heads) for _ in range(cfg.encoder_depth)])
+            [self._block(D_enc, cfg.encoder_num_heads) for _ in range(cfg.encoder_depth)])
         self.encoder_norm = nn.LayerNorm(D_enc, eps=cfg.norm_eps)
         # decoder
         self.decoder_embed = nn.Linear(D_enc, D_dec, bias=True)
@@ -190,7 +188,7 @@ class MAR(nn.Module):
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n_pos, D_dec))
         self.decoder_conv = LocalConv(D_dec, cfg.local_conv, D_dec) if cfg.local_conv else None
         self.decoder_blocks = nn.ModuleList(
-            [block(D_dec, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
+            [self._block(D_dec, cfg.decoder_num_heads) for _ in range(cfg.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(D_dec, eps=cfg.norm_eps)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, cfg.seq_h ** 2, D_dec))
         # per-token diffusion head
@@ -198,6 +196,11 @@ class MAR(nn.Module):
         self.grad_checkpointing = cfg.grad_checkpointing
         # resized position tables by (table, grid), filled only while sampling with a fast engine
         self.pos_cache: dict | None = None
+
+    def _block(self, dim: int, num_heads: int) -> Block:
+        cfg = self.cfg
+        return Block(dim, num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.attn_dropout,
+                     cfg.proj_dropout)
 
     def initialize_weights(self):
         """MAR's initialisation for training from scratch (the head initialises itself)."""
@@ -242,8 +245,7 @@ class MAR(nn.Module):
                              f"got {n!r}")
         cfg, ref = self.cfg, self.decoder_norm.weight
         for _ in range(n):
-            blk = Block(cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, cfg.norm_eps,
-                        cfg.attn_dropout, cfg.proj_dropout)
+            blk = self._block(cfg.decoder_embed_dim, cfg.decoder_num_heads)
             for lin in (blk.attn.qkv, blk.mlp.fc1):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
