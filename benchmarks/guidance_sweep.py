@@ -27,14 +27,15 @@ import torch
 from harmon import Harmon
 from harmon.data.shapeworld import GENEVAL_TAGS
 from harmon.eval.model_eval import evaluate_generation
+from harmon.generate import REFINE_FRACTION, REFINE_STEPS
 from harmon.eval.shapes_cli import SHORT_TAGS
 
 HERE = Path(__file__).resolve().parent
 
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
-          seed: int, limit: int | None, on_row=None, refine_fraction: float = 0.15,
-          refine_steps: int = 4) -> list[dict]:
+          seed: int, limit: int | None, on_row=None, refine_fraction: float = REFINE_FRACTION,
+          refine_steps: int = REFINE_STEPS) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
     seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
     there, so a sweep stopped half-way keeps the rows it measured)."""
@@ -78,9 +79,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
     p.add_argument("--steps", type=int, nargs="+", default=[64])
     p.add_argument("--refine", type=int, nargs="+", default=[0], help="rounds of self-correction")
-    p.add_argument("--refine-fraction", type=float, default=0.15,
+    p.add_argument("--refine-fraction", type=float, default=REFINE_FRACTION,
                    help="share of the tokens each round draws again")
-    p.add_argument("--refine-steps", type=int, default=4, help="steps of each round")
+    p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of each round")
     p.add_argument("--samples", type=int, default=1, help="images per prompt")
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)

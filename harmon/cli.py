@@ -167,6 +167,8 @@ def cmd_reference(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .generate import REFINE_FRACTION, REFINE_STEPS
+
     ap = argparse.ArgumentParser(prog="harmon", description="Harmon: one model to generate images "
                                  "from text and answer questions about images.",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refine", type=int, default=0,
                    help="rounds of self-correction after the K steps: re-mask the tokens that "
                         "fit the rest worst and sample them again (default 0)")
-    g.add_argument("--refine-fraction", type=float, default=0.15,
-                   help="share of the tokens re-masked per round")
-    g.add_argument("--refine-steps", type=int, default=4, help="steps per round")
+    g.add_argument("--refine-fraction", type=float, default=REFINE_FRACTION,
+                   help="share of the tokens re-masked per round (default %(default)s)")
+    g.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
+                   help="steps per round (default %(default)s)")
     g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     g.add_argument("--steps", type=int, default=None,

@@ -68,13 +68,20 @@ class StepInfo:
     cfg: float
 
 
+#: Defaults of the self-correction rounds (``refine``): the share of tokens each round draws
+#: again and its steps. Chosen by benchmarks/guidance_sweep.py (docs/model_card.md).
+REFINE_FRACTION = 0.15
+REFINE_STEPS = 4
+
+
 @torch.no_grad()
 def sample_tokens(model: HarmonModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   grid: tuple[int, int], draws, num_iter: int = 64, cfg: float = 3.0,
                   cfg_schedule: str = "constant", temperature: float = 1.0,
                   on_step: Callable[[StepInfo], None] | None = None,
                   head_sampler=None, fast_step: bool = False, refine: int = 0,
-                  refine_fraction: float = 0.15, refine_steps: int = 4) -> torch.Tensor:
+                  refine_fraction: float = REFINE_FRACTION,
+                  refine_steps: int = REFINE_STEPS) -> torch.Tensor:
     """Sample latent tokens.
 
     Args:

@@ -20,7 +20,7 @@ from PIL import Image
 from . import checkpoints
 from .configs import HarmonConfig, PRESETS, preset
 from .fast import FastHeadSampler
-from .generate import StepInfo, sample_tokens, to_uint8
+from .generate import REFINE_FRACTION, REFINE_STEPS, StepInfo, sample_tokens, to_uint8
 from .models.harmon import HarmonModel
 from .rng import TorchDraws
 from .tokenizer import (BRIEF_CAPTION_QUESTION, CAPTION_QUESTION, HarmonTokenizer,
@@ -230,8 +230,9 @@ class Harmon:
                  on_step: Callable[[StepInfo], None] | None = None,
                  output: str = "pil", mode: str = "fast", compile: bool = False,
                  head_steps: int | None = None, head_sampler: str = "ddpm",
-                 head_eta: float = 0.0, refine: int = 0, refine_fraction: float = 0.15,
-                 refine_steps: int = 4) -> list[Image.Image] | torch.Tensor:
+                 head_eta: float = 0.0, refine: int = 0,
+                 refine_fraction: float = REFINE_FRACTION,
+                 refine_steps: int = REFINE_STEPS) -> list[Image.Image] | torch.Tensor:
         """Generate images.
 
         Args:
