@@ -9,7 +9,8 @@ the same noise and timesteps for every row of the table. Most scored tokens are 
 tokens that lie inside an object: those a layout-aware model predicts from their neighbours.
 Two more measures follow: the error of object tokens the head *draws* (one step, 0-80% of the
 image visible) against the error of another scene's object token, and how much the decoder's
-first block attends to visible tokens near a masked one.
+first block attends to visible tokens near a masked one. Last, how often an object token the
+head draws takes another colour than its object's, by how much of the object the model sees.
 
     python benchmarks/context_use.py                           # the shipped model
     python benchmarks/context_use.py --checkpoint runs/shapeworld_model_stage2/final
@@ -166,6 +167,78 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
     return {dd: float(np.mean(v)) for dd, v in sorted(shares.items())}
 
 
+def patch_colour(patch: torch.Tensor, background: torch.Tensor, colour: torch.Tensor) -> str:
+    """``"background"`` when under 4 pixels of ``patch`` (3, s, s) differ from ``background``
+    (3, 1, 1) by over 0.3 summed over channels, else ``"other"`` when those pixels' mean colour is
+    over 0.3 from ``colour`` (3,) in some channel, else ``"same"`` (all in [-1, 1] units)."""
+    obj = (patch - background).abs().sum(0) > 0.3
+    if obj.sum() < 4:
+        return "background"
+    return "other" if (patch[:, obj].mean(1) - colour).abs().max() > 0.3 else "same"
+
+
+#: What the model sees in :func:`colour_copy`: one adjacent token of the object (what an object's
+#: second token sees early in sampling), the 3 x 3 neighbourhood, every other token.
+COPY_CONTEXTS = ("one neighbour", "neighbourhood", "all")
+
+
+@torch.no_grad()
+def colour_copy(model: Harmon, n_images: int = 60, draws: int = 16, seed: int = 0) -> list[dict]:
+    """Share of drawn object tokens whose colour is not their object's, by context.
+
+    In each scene one object-core token with an object-core neighbour is masked and drawn
+    ``draws`` times by the head (unconditional prompt, so the colour can only come from the image;
+    no guidance, temperature 1), the rest of the image as it was, and decoded; each drawn patch is
+    classed by :func:`patch_colour` against the image's median colour (the background) and the
+    true patch's object colour.
+    """
+    m, tokens, grid, _, _ = encoded_scenes(model, n_images)
+    pixels, _ = scenes(n_images, model.cfg.image_size)
+    B, N, _ = tokens.shape
+    h, w = grid
+    s = pixels.shape[-1] // w  # pixels per token side
+    cells = object_cells(B, grid)
+    ids = torch.tensor([model.tokenizer.unconditional_ids()], device=model.device)
+    attn = torch.ones_like(ids)
+    embeds = m.embed_text(ids)
+    g = torch.Generator().manual_seed(seed)
+    head_draws = TorchDraws(torch.Generator(model.device).manual_seed(seed + 1))
+    counts = {c: {"other": 0, "background": 0, "drawn": 0} for c in COPY_CONTEXTS}
+    for b in range(B):
+        pairs = [(i, j) for i in cells[b].nonzero().flatten().tolist()
+                 for j in (i - w, i + w, i - 1, i + 1)
+                 if 0 <= j < N and (j // w == i // w or abs(j - i) == w) and cells[b, j] > 0]
+        if not pairs:
+            continue
+        i, j = pairs[int(torch.randint(len(pairs), (1,), generator=g))]
+        y, x = divmod(i, w)
+        near = [yy * w + xx for yy in range(y - 1, y + 2) for xx in range(x - 1, x + 2)
+                if 0 <= yy < h and 0 <= xx < w]
+        background = pixels[b].flatten(1).median(dim=1).values[:, None, None]  # (3, 1, 1)
+        truth = pixels[b, :, s * y:s * y + s, s * x:s * x + s]
+        is_object = (truth - background).abs().sum(0) > 0.3
+        true_colour = truth[:, is_object].mean(1)
+        for context in COPY_CONTEXTS:
+            masked = torch.zeros(1, N) if context == "all" else torch.ones(1, N)
+            if context == "one neighbour":
+                masked[0, j] = 0
+            elif context == "neighbourhood":
+                masked[0, near] = 0
+            masked[0, i] = 1
+            z = m.t2i_condition(tokens[b:b + 1], masked.to(model.device), grid, embeds, attn)[0, i]
+            drawn = tokens[b:b + 1].repeat(draws, 1, 1)
+            drawn[:, i] = m.mar.diffloss.sample(z[None].repeat(draws, 1), 1.0, 1.0, head_draws)
+            patch = m.decode_tokens(drawn, grid)[:, :, s * y:s * y + s, s * x:s * x + s].cpu()
+            c = counts[context]
+            for p in patch.float():
+                c["drawn"] += 1
+                verdict = patch_colour(p, background, true_colour)
+                if verdict != "same":
+                    c[verdict] += 1
+    return [{"context": k, **v, "other_share": v["other"] / max(1, v["drawn"])}
+            for k, v in counts.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the shipped one)")
@@ -188,11 +261,17 @@ def main() -> None:
     near = attention_by_distance(model)
     print("decoder block 0: attention to a visible token at grid distance d (1 = even share)")
     print("  ".join(f"d={d}: {v:.2f}" for d, v in near.items()))
+    copy = colour_copy(model)
+    print("an object token drawn given part of its object (no caption): how often another colour")
+    print(f"{'context':>14} {'other colour':>13} {'background':>11} {'drawn':>6}")
+    for r in copy:
+        print(f"{r['context']:>14} {r['other_share']:>13.3f} {r['background']:>11} {r['drawn']:>6}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
                                            "images": args.images, "rows": rows,
                                            "inpainting": inpaint,
-                                           "attention_by_distance": near}, indent=1))
+                                           "attention_by_distance": near,
+                                           "colour_copy": copy}, indent=1))
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ class MARConfig:
     norm_eps: float = 1e-6
     vae_embed_dim: int = 16  # token dimension
     mask_ratio_min: float = 0.7  # training: lower end of the truncated-normal mask ratio
+    # training: spread of that truncated normal (its mean is 1, every token masked); a large
+    # value makes the ratio nearly uniform on [mask_ratio_min, 1]
+    mask_ratio_std: float = 0.25
     label_drop_prob: float = 0.1  # training: caption dropout
     class_num: int = 1000  # size of the unused class table (kept for checkpoint compatibility)
     attn_dropout: float = 0.1

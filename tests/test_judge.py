@@ -523,6 +523,18 @@ def test_context_use_measures(tmp_path):
             attn.qkv.bias.copy_(saved[1])
     assert all(abs(v - 1.0) < 1e-4 for v in blind.values())
 
+    bg, red = torch.tensor([-0.8, -0.8, -0.6])[:, None, None], torch.tensor([0.9, -0.9, -0.9])
+    patch = bg.repeat(1, 8, 8)
+    assert mod["patch_colour"](patch, bg, red) == "background"
+    patch[:, 2:6, 2:6] = red[:, None, None]
+    assert mod["patch_colour"](patch, bg, red) == "same"
+    assert mod["patch_colour"](patch, bg, torch.tensor([0.9, 0.9, -0.9])) == "other"  # yellow
+    copy = mod["colour_copy"](model, n_images=10, draws=8)
+    assert [r["context"] for r in copy] == list(mod["COPY_CONTEXTS"])
+    assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copy)
+    # the shipped model copies a colour from the whole object far better than from one token
+    assert copy[-1]["other_share"] < copy[0]["other_share"]
+
 
 def test_understanding_use_measures():
     """benchmarks/understanding_use.py: the shipped model's answers depend on the image (their

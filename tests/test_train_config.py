@@ -251,3 +251,32 @@ def test_qtype_weights_shape_the_shapeworld_question_stream(tmp_path):
         load_config(f, ["data.sources.0.qtype_weights={pope = 1}"])
     with pytest.raises(ValueError, match="expected a table"):
         load_config(f, ["data.sources.1.qtype_weights=3"])
+
+
+def test_mask_ratio_std_override_spreads_the_t2i_masks(tmp_path):
+    """model.mask_ratio_std widens MAR's truncated normal (mean 1): with a large spread the
+    training masks hide about half the tokens on average instead of about four fifths."""
+    from harmon.rng import TorchDraws
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=[
+        "model.mask_ratio_min=0.05", "model.mask_ratio_std=10"]).model)
+    assert model.cfg.mar.mask_ratio_std == 10.0 and "mask ratio spread 10" in source
+    default, _, _ = build_model(tiny_config(tmp_path, overrides=["model.mask_ratio_min=0.05"]).model)
+    assert default.cfg.mar.mask_ratio_std == 0.25  # MAR's value, kept unless the run says otherwise
+
+    size = model.cfg.image_size
+    pixels = torch.zeros(1, 3, size, size)
+    ids, am = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+
+    def masked_share(m):
+        draws = TorchDraws(torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return sum(float(m.t2i_loss(pixels, ids, am, draws)["mask"].mean())
+                       for _ in range(40)) / 40
+
+    wide, narrow = masked_share(model.eval()), masked_share(default.eval())
+    assert 0.4 < wide < 0.65 and narrow > 0.75, (wide, narrow)
+    with pytest.raises(ValueError, match="mask_ratio_std must be > 0"):
+        tiny_config(tmp_path, overrides=["model.mask_ratio_std=0"])

@@ -209,7 +209,7 @@ class HarmonModel(nn.Module):
             target = self.encode_images(pixel_values.to(self.vae_dtype())).to(self.dtype)
         B, N, C = target.shape
         orders = torch.stack([draws.permutation(N, device=target.device) for _ in range(B)])
-        ratio = draws.truncnorm(self.cfg.mar.mask_ratio_min, 1.0, 1.0, 0.25)
+        ratio = draws.truncnorm(self.cfg.mar.mask_ratio_min, 1.0, 1.0, self.cfg.mar.mask_ratio_std)
         num_masked = min(N, int(math.ceil(N * ratio)))
         mask = torch.zeros(B, N, device=target.device, dtype=target.dtype)
         mask.scatter_(1, orders[:, :num_masked], 1.0)

@@ -49,6 +49,10 @@ class ModelConfig:
     # lower end of the t2i mask ratio in training; None = the model's (mar.mask_ratio_min, 0.7 in
     # MAR). A lower bound shows the generator more of each image, as the late sampling steps do.
     mask_ratio_min: float | None = None
+    # spread of the mask ratio's truncated normal (mean 1); None = the model's (0.25 in MAR). The
+    # late sampling steps, which see most of the image, are rare in MAR's draws; a large spread
+    # (e.g. 10: nearly uniform on [mask_ratio_min, 1]) trains them as often as the early ones
+    mask_ratio_std: float | None = None
     # gradient scale of the understanding loss into the visual path (MAR encoder, proj_in); None =
     # the model's (0.1 in Harmon, which protects pretrained MAR features; a model trained from
     # scratch may need its encoder to learn what the questions ask about)
@@ -71,6 +75,8 @@ class ModelConfig:
             raise ValueError(f"model.grad_scale must lie in [0, 10], got {self.grad_scale}")
         if self.mask_ratio_min is not None and not 0.0 <= self.mask_ratio_min <= 1.0:
             raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
+        if self.mask_ratio_std is not None and not self.mask_ratio_std > 0.0:
+            raise ValueError(f"model.mask_ratio_std must be > 0, got {self.mask_ratio_std}")
 
 
 @dataclass
