@@ -58,13 +58,13 @@ def object_cells(n: int, grid: tuple[int, int]) -> torch.Tensor:
 
 def encoded_scenes(model: Harmon, n: int):
     """The scenes of :func:`scenes` as the model sees them: (network in eval mode, latent tokens
-    (n, N, 16), token grid, caption ids, caption mask)."""
+    (n, N, 16), token grid, caption ids, caption mask, the images (n, 3, S, S))."""
     m = model.model.eval()
     pixels, captions = scenes(n, model.cfg.image_size)
     tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
     ids, attn = model._prompt_batch(captions, 1, False)[:2]
-    return m, tokens, grid, ids, attn
+    return m, tokens, grid, ids, attn, pixels
 
 
 @torch.no_grad()
@@ -107,7 +107,7 @@ def inpainting_error(model: Harmon, n_images: int = 48, per_image: int = 3,
     the other tokens is shown. A generator that reads neighbours gets close to the truth with 80%
     of the image visible; ``shuffled`` is the error of another scene's object token (a draw that
     knows nothing of this image)."""
-    m, tokens, grid, ids, attn = encoded_scenes(model, n_images)
+    m, tokens, grid, ids, attn, _ = encoded_scenes(model, n_images)
     B, N, C = tokens.shape
     cells = object_cells(B, grid)
     rows = []
@@ -137,7 +137,7 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
     """How much the decoder's first block looks at nearby visible tokens: the attention a masked
     token gives a visible token at Chebyshev grid distance d, as a multiple of an even share over
     the visible tokens (heads averaged; 1 = position-blind)."""
-    m, tokens, grid, ids, attn = encoded_scenes(model, n_images)
+    m, tokens, grid, ids, attn, _ = encoded_scenes(model, n_images)
     B, N, _ = tokens.shape
     g = torch.Generator().manual_seed(seed)
     masked = torch.ones(B, N)
@@ -167,11 +167,17 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
     return {dd: float(np.mean(v)) for dd, v in sorted(shares.items())}
 
 
+def object_pixels(patch: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """(s, s) bool: the pixels of ``patch`` (3, s, s) that differ from ``background`` (3, 1, 1)
+    by over 0.3 summed over channels (in [-1, 1] units)."""
+    return (patch - background).abs().sum(0) > 0.3
+
+
 def patch_colour(patch: torch.Tensor, background: torch.Tensor, colour: torch.Tensor) -> str:
-    """``"background"`` when under 4 pixels of ``patch`` (3, s, s) differ from ``background``
-    (3, 1, 1) by over 0.3 summed over channels, else ``"other"`` when those pixels' mean colour is
-    over 0.3 from ``colour`` (3,) in some channel, else ``"same"`` (all in [-1, 1] units)."""
-    obj = (patch - background).abs().sum(0) > 0.3
+    """``"background"`` when under 4 of the :func:`object_pixels` of ``patch`` (3, s, s), else
+    ``"other"`` when their mean colour is over 0.3 from ``colour`` (3,) in some channel (in
+    [-1, 1] units), else ``"same"``."""
+    obj = object_pixels(patch, background)
     if obj.sum() < 4:
         return "background"
     return "other" if (patch[:, obj].mean(1) - colour).abs().max() > 0.3 else "same"
@@ -192,8 +198,7 @@ def colour_copy(model: Harmon, n_images: int = 60, draws: int = 16, seed: int = 
     classed by :func:`patch_colour` against the image's median colour (the background) and the
     true patch's object colour.
     """
-    m, tokens, grid, _, _ = encoded_scenes(model, n_images)
-    pixels, _ = scenes(n_images, model.cfg.image_size)
+    m, tokens, grid, _, _, pixels = encoded_scenes(model, n_images)
     B, N, _ = tokens.shape
     h, w = grid
     s = pixels.shape[-1] // w  # pixels per token side
@@ -216,8 +221,7 @@ def colour_copy(model: Harmon, n_images: int = 60, draws: int = 16, seed: int = 
                 if 0 <= yy < h and 0 <= xx < w]
         background = pixels[b].flatten(1).median(dim=1).values[:, None, None]  # (3, 1, 1)
         truth = pixels[b, :, s * y:s * y + s, s * x:s * x + s]
-        is_object = (truth - background).abs().sum(0) > 0.3
-        true_colour = truth[:, is_object].mean(1)
+        true_colour = truth[:, object_pixels(truth, background)].mean(1)
         for context in COPY_CONTEXTS:
             masked = torch.zeros(1, N) if context == "all" else torch.ones(1, N)
             if context == "one neighbour":
@@ -261,17 +265,17 @@ def main() -> None:
     near = attention_by_distance(model)
     print("decoder block 0: attention to a visible token at grid distance d (1 = even share)")
     print("  ".join(f"d={d}: {v:.2f}" for d, v in near.items()))
-    copy = colour_copy(model)
+    copying = colour_copy(model)
     print("an object token drawn given part of its object (no caption): how often another colour")
     print(f"{'context':>14} {'other colour':>13} {'background':>11} {'drawn':>6}")
-    for r in copy:
+    for r in copying:
         print(f"{r['context']:>14} {r['other_share']:>13.3f} {r['background']:>11} {r['drawn']:>6}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
                                            "images": args.images, "rows": rows,
                                            "inpainting": inpaint,
                                            "attention_by_distance": near,
-                                           "colour_copy": copy}, indent=1))
+                                           "colour_copy": copying}, indent=1))
 
 
 if __name__ == "__main__":

@@ -529,11 +529,11 @@ def test_context_use_measures(tmp_path):
     patch[:, 2:6, 2:6] = red[:, None, None]
     assert mod["patch_colour"](patch, bg, red) == "same"
     assert mod["patch_colour"](patch, bg, torch.tensor([0.9, 0.9, -0.9])) == "other"  # yellow
-    copy = mod["colour_copy"](model, n_images=10, draws=8)
-    assert [r["context"] for r in copy] == list(mod["COPY_CONTEXTS"])
-    assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copy)
+    copying = mod["colour_copy"](model, n_images=10, draws=8)
+    assert [r["context"] for r in copying] == list(mod["COPY_CONTEXTS"])
+    assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copying)
     # the shipped model copies a colour from the whole object far better than from one token
-    assert copy[-1]["other_share"] < copy[0]["other_share"]
+    assert copying[-1]["other_share"] < copying[0]["other_share"]
 
 
 def test_understanding_use_measures():
