@@ -175,12 +175,39 @@ def object_pixels(patch: torch.Tensor, background: torch.Tensor) -> torch.Tensor
 
 def patch_colour(patch: torch.Tensor, background: torch.Tensor, colour: torch.Tensor) -> str:
     """``"background"`` when under 4 of the :func:`object_pixels` of ``patch`` (3, s, s), else
-    ``"other"`` when their mean colour is over 0.3 from ``colour`` (3,) in some channel (in
-    [-1, 1] units), else ``"same"``."""
+    ``"other"`` when they are not mixtures of ``background`` (3, 1, 1) and ``colour`` (3,): their
+    median distance from the segment between the two is over 0.3 in some channel ([-1, 1] units);
+    else ``"same"``. An object's edge token, partly covered, mixes its colour with the background's
+    (a mean colour far from either), so coverage is not mistaken for another colour."""
     obj = object_pixels(patch, background)
     if obj.sum() < 4:
         return "background"
-    return "other" if (patch[:, obj].mean(1) - colour).abs().max() > 0.3 else "same"
+    d = colour - background[:, 0, 0]  # (3,)
+    p = patch[:, obj] - background[:, :, 0]  # (3, k)
+    cover = ((d @ p) / (d @ d).clamp_min(1e-6)).clamp(0, 1)  # (k,) share of colour per pixel
+    off = (p - d[:, None] * cover[None]).abs().max(0).values
+    return "other" if off.median() > 0.3 else "same"
+
+
+def true_neighbours(pixels: torch.Tensor, cells: torch.Tensor, grid: tuple[int, int]) -> dict:
+    """What the scenes themselves hold next to an object-core token: the :func:`patch_colour`
+    classes of its 4 neighbours, judged against its colour (``pixels`` (n, 3, S, S), ``cells``
+    (n, h*w) from :func:`object_cells`). The reference for the "one neighbour" context: the model
+    sees a core token and not whether the token it draws is core, edge or background."""
+    h, w = grid
+    s = pixels.shape[-1] // w
+    counts = {"same": 0, "other": 0, "background": 0}
+    for b in range(pixels.shape[0]):
+        background = pixels[b].flatten(1).median(dim=1).values[:, None, None]
+        for j in cells[b].nonzero().flatten().tolist():
+            y, x = divmod(j, w)
+            core = pixels[b, :, s * y:s * y + s, s * x:s * x + s]
+            colour = core[:, object_pixels(core, background)].mean(1)
+            for yy, xx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= yy < h and 0 <= xx < w:
+                    patch = pixels[b, :, s * yy:s * yy + s, s * xx:s * xx + s]
+                    counts[patch_colour(patch, background, colour)] += 1
+    return counts
 
 
 #: What the model sees in :func:`colour_copy`: one adjacent token of the object (what an object's
@@ -270,12 +297,19 @@ def main() -> None:
     print(f"{'context':>14} {'other colour':>13} {'background':>11} {'drawn':>6}")
     for r in copying:
         print(f"{r['context']:>14} {r['other_share']:>13.3f} {r['background']:>11} {r['drawn']:>6}")
+    pixels, _ = scenes(400, model.cfg.image_size)
+    truth = true_neighbours(pixels, object_cells(400, model.model.grid_for(*pixels.shape[-2:])),
+                            model.model.grid_for(*pixels.shape[-2:]))
+    total = sum(truth.values())
+    print("in 400 scenes, a token next to an object-core token: " +
+          ", ".join(f"{k} {v / total:.3f}" for k, v in truth.items()))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
                                            "images": args.images, "rows": rows,
                                            "inpainting": inpaint,
                                            "attention_by_distance": near,
-                                           "colour_copy": copying}, indent=1))
+                                           "colour_copy": copying,
+                                           "true_neighbours_400_scenes": truth}, indent=1))
 
 
 if __name__ == "__main__":

@@ -529,6 +529,13 @@ def test_context_use_measures(tmp_path):
     patch[:, 2:6, 2:6] = red[:, None, None]
     assert mod["patch_colour"](patch, bg, red) == "same"
     assert mod["patch_colour"](patch, bg, torch.tensor([0.9, 0.9, -0.9])) == "other"  # yellow
+    edge = bg.repeat(1, 8, 8)
+    edge[:, :, 5:] = (0.5 * bg + 0.5 * red[:, None, None])  # an object's edge: red half covering
+    assert mod["patch_colour"](edge, bg, red) == "same"
+    # the rendered scenes: next to an object's core, another colour is rare (edges are not one)
+    pixels, _ = mod["scenes"](40, 64)
+    truth = mod["true_neighbours"](pixels, mod["object_cells"](40, (8, 8)), (8, 8))
+    assert truth["same"] > 0.7 * sum(truth.values()) and truth["other"] < 0.02 * sum(truth.values())
     copying = mod["colour_copy"](model, n_images=10, draws=8)
     assert [r["context"] for r in copying] == list(mod["COPY_CONTEXTS"])
     assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copying)
