@@ -477,6 +477,19 @@ class Harmon:
         # captions were trained without an answer instruction
         return self.answer(images, [CAPTION_QUESTION] * len(images), instruction="", **kwargs)
 
+    @torch.no_grad()
+    def reconstruct(self, images, *, size: int | None = None) -> list[Image.Image]:
+        """Each image through the VAE and back (posterior mean): what of an image the latents
+        the generator draws can hold; padded to square and resized to ``size`` (default: the
+        model's image size) as the understanding path does."""
+        images = _image_list(images)
+        size = size or self.cfg.image_size
+        grid = self.model.grid_for(size)
+        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
+        tokens = self.model.encode_images(pixels.to(self.model.vae_dtype()))
+        out = to_uint8(self.model.decode_tokens(tokens, grid).float()).cpu()
+        return [Image.fromarray(im.numpy()) for im in out]
+
     def __repr__(self) -> str:
         i = self.info()
         return (f"Harmon({i['name']!r}, device={i['device']}, dtype={i['dtype']}, "

@@ -59,7 +59,8 @@ def test_bpe_tokenizer_has_the_chat_tokens_and_round_trips(tmp_path):
 
 
 def test_evaluation_runner_on_a_tiny_model(tiny_harmon, tmp_path):
-    from harmon.eval.model_eval import evaluate_generation, evaluate_understanding
+    from harmon.eval.model_eval import (evaluate_generation, evaluate_reconstruction,
+                                        evaluate_understanding)
 
     gen = evaluate_generation(tiny_harmon, samples=1, limit=3, out_dir=tmp_path, progress=False,
                               steps=4)
@@ -67,5 +68,7 @@ def test_evaluation_runner_on_a_tiny_model(tiny_harmon, tmp_path):
     assert len(list(tmp_path.glob("*/samples/*.png"))) == 3
     cats = gen["categories"]
     assert sum(c["prompts"] for c in cats.values()) == 3 == sum(c["images"] for c in cats.values())
+    ceiling = evaluate_reconstruction(tiny_harmon, samples=2, limit=3)
+    assert ceiling["images"] == 6 and 0.0 <= ceiling["overall"] <= 1.0
     vqa = evaluate_understanding(tiny_harmon, n_images=2, progress=False)
     assert set(vqa["per_type"]) >= {"pope", "count"} and 0.0 <= vqa["overall"] <= 1.0

@@ -4,7 +4,8 @@
 
 Generation: every evaluation prompt (the test split and the held-out colour-shape split) is
 generated ``samples`` times with default settings, written in GenEval's folder layout and scored
-by the judge. Understanding: the questions of fresh evaluation scenes are answered greedily and
+by the judge, and so are the model's VAE reconstructions of true scenes for the same prompts (the
+best a generator can score through this autoencoder). Understanding: the questions of fresh evaluation scenes are answered greedily and
 scored per question type, with POPE accuracy, precision, recall, F1 and yes-ratio.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..data.shapeworld import ShapeWorld
 from .judge import judge_image, summarize
 from .prompts import eval_prompts, write_geneval_folder
 from .shapes_cli import format_table
@@ -40,6 +42,24 @@ def evaluate_generation(model, samples: int = 2, batch_size: int = 16, seed: int
         cat = group["categories"][spec.tag]
         cat["prompts"] = cat.get("prompts", 0) + 1
     return summary
+
+
+def evaluate_reconstruction(model, samples: int = 2, seed: int = 0, batch_size: int = 64,
+                            limit: int | None = None) -> dict:
+    """Judge scores of the model's VAE round trips (:meth:`Harmon.reconstruct`) of true scenes for
+    every evaluation prompt (``samples`` each, world seed ``seed``): what a perfect generator
+    would score through this autoencoder, the ceiling of :func:`evaluate_generation`. Layout as
+    :func:`~harmon.eval.judge.summarize`."""
+    specs = eval_prompts("all")[:limit]
+    world = ShapeWorld(size=model.cfg.image_size, seed=seed)
+    pairs = [(spec, world.scene_for_spec(spec, j).render_array()) for spec in specs
+             for j in range(samples)]
+    results = []
+    for b in range(0, len(pairs), batch_size):
+        chunk = pairs[b: b + batch_size]
+        images = model.reconstruct([im for _, im in chunk])
+        results += [judge_image(im, spec) for (spec, _), im in zip(chunk, images)]
+    return summarize(results)
 
 
 def generate_for_specs(model, specs, samples: int, batch_size: int = 16, seed: int = 0,
@@ -106,12 +126,15 @@ def _cmd_eval_model(args) -> int:
                               candidates=args.candidates, rerank=args.rerank,
                               refine=args.refine)
     vqa = evaluate_understanding(model, args.vqa_images, seed=args.seed)
+    ceiling = evaluate_reconstruction(model, args.samples, seed=args.seed)
     best = f" (each image the best of {args.candidates} by --rerank {args.rerank})" \
         if args.candidates > 1 else ""
     best += f" ({args.refine} rounds of self-correction)" if args.refine else ""
     print(format_table(gen, title=f"generation: {model.name}{best}"))
+    print(f"ceiling (the judge on the VAE's reconstructions of true scenes): overall "
+          f"{ceiling['overall']:.3f}, held-out {ceiling['heldout']['overall']:.3f}")
     print(f"understanding: {json.dumps(_vqa_summary(vqa))}")
-    scores = {"model": model.name, "generation": gen, "understanding": vqa,
+    scores = {"model": model.name, "generation": gen, "understanding": vqa, "ceiling": ceiling,
               "seconds": time.perf_counter() - t0, "samples": args.samples,
               "vqa_images": args.vqa_images, "seed": args.seed, "candidates": args.candidates,
               "rerank": args.rerank, "refine": args.refine}
