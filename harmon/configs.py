@@ -122,6 +122,9 @@ class MARConfig:
     # training: spread of that truncated normal (its mean is 1, every token masked); a large
     # value makes the ratio nearly uniform on [mask_ratio_min, 1]
     mask_ratio_std: float = 0.25
+    # training: weight added to the diffusion loss of a masked token per unit of its foreground
+    # share (harmon.models.harmon.foreground_share); 0 = MAR's plain mean over masked tokens
+    foreground_weight: float = 0.0
     label_drop_prob: float = 0.1  # training: caption dropout
     class_num: int = 1000  # size of the unused class table (kept for checkpoint compatibility)
     attn_dropout: float = 0.1

@@ -280,3 +280,40 @@ def test_mask_ratio_std_override_spreads_the_t2i_masks(tmp_path):
     assert 0.4 < wide < 0.65 and narrow > 0.75, (wide, narrow)
     with pytest.raises(ValueError, match="mask_ratio_std must be > 0"):
         tiny_config(tmp_path, overrides=["model.mask_ratio_std=0"])
+
+
+def test_foreground_weight_counts_the_tokens_off_the_background_more(tmp_path):
+    """model.foreground_weight reaches the model and the run's source line; foreground_share
+    finds an object's tokens; the weighted t2i loss equals the plain one on a flat image (no
+    foreground) and differs from it where an object is, with the same draws."""
+    from harmon.models.harmon import foreground_share
+    from harmon.rng import TorchDraws
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=[
+        "model.foreground_weight=3"]).model)
+    assert model.cfg.mar.foreground_weight == 3.0 and "foreground loss weight +3" in source
+    plain, _, _ = build_model(tiny_config(tmp_path).model)
+    assert plain.cfg.mar.foreground_weight == 0.0  # MAR's plain mean unless the run says otherwise
+    plain.load_state_dict(model.state_dict())
+
+    size, s = model.cfg.image_size, model.cfg.mar.vae_stride
+    flat = torch.full((1, 3, size, size), -0.5)
+    obj = flat.clone()
+    obj[:, 0, s:3 * s, s:2 * s + s // 2] = 0.9  # a red block: two tokens whole, two half covered
+    share = foreground_share(obj, s).reshape(size // s, size // s)
+    assert share[1:3, 1].tolist() == [1.0, 1.0] and share[1:3, 2].tolist() == [0.5, 0.5]
+    assert float(share.sum()) == 3.0 and float(foreground_share(flat, s).sum()) == 0.0
+
+    ids, am = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.long)
+
+    def loss(m, pixels):
+        with torch.no_grad():
+            return float(m.eval().t2i_loss(pixels, ids, am,
+                                           TorchDraws(torch.Generator().manual_seed(0)))["loss"])
+
+    assert loss(model, flat) == loss(plain, flat)
+    assert abs(loss(model, obj) - loss(plain, obj)) > 1e-6
+    with pytest.raises(ValueError, match="foreground_weight must lie in"):
+        tiny_config(tmp_path, overrides=["model.foreground_weight=-1"])

@@ -58,6 +58,17 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
 
 
+def foreground_share(pixels: torch.Tensor, stride: int, threshold: float = 0.3) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, N) the share of each token's stride x stride pixels
+    (raster order, as :meth:`HarmonModel.encode_images`) whose colour is off the image's median
+    colour by over ``threshold`` summed over channels: a label-free foreground measure for
+    images on a flat or finely textured background, such as ShapeWorld's."""
+    x = pixels.float()
+    median = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
+    off = ((x - median).abs().sum(dim=1, keepdim=True) > threshold).float()  # (B, 1, H, W)
+    return F.avg_pool2d(off, stride).flatten(1)
+
+
 class HarmonModel(nn.Module):
     """The network. Attribute names match the released checkpoints (``vae``, ``llm``, ``mar``,
     ``proj_in``, ``proj_out``)."""
@@ -214,10 +225,14 @@ class HarmonModel(nn.Module):
         mask = torch.zeros(B, N, device=target.device, dtype=target.dtype)
         mask.scatter_(1, orders[:, :num_masked], 1.0)
         z = self.t2i_condition(target, mask, grid, self.embed_text(input_ids), attention_mask)
+        weights = mask
+        if self.cfg.mar.foreground_weight:
+            share = foreground_share(pixel_values, self.cfg.mar.vae_stride).to(mask.dtype)
+            weights = mask * (1.0 + self.cfg.mar.foreground_weight * share)
         mul = self.cfg.mar.diffusion_batch_mul
         loss = self.mar.diffloss(target.reshape(B * N, C).repeat(mul, 1),
                                  z.reshape(B * N, -1).repeat(mul, 1),
-                                 mask.reshape(B * N).repeat(mul), draws)
+                                 weights.reshape(B * N).repeat(mul), draws)
         return {"loss": loss, "mask": mask, "z": z}
 
     def i2t_loss(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,

@@ -53,6 +53,11 @@ class ModelConfig:
     # late sampling steps, which see most of the image, are rare in MAR's draws; a large spread
     # (e.g. 10: nearly uniform on [mask_ratio_min, 1]) trains them as often as the early ones
     mask_ratio_std: float | None = None
+    # extra t2i loss weight of a token per unit of its foreground share (the share of its pixels
+    # off the image's median colour); None = the model's (0: MAR's plain mean). On a flat
+    # background most tokens are background texture, whose noise dominates the mean loss; a
+    # weight of 3 counts an object's tokens four times
+    foreground_weight: float | None = None
     # gradient scale of the understanding loss into the visual path (MAR encoder, proj_in); None =
     # the model's (0.1 in Harmon, which protects pretrained MAR features; a model trained from
     # scratch may need its encoder to learn what the questions ask about)
@@ -77,6 +82,9 @@ class ModelConfig:
             raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
         if self.mask_ratio_std is not None and not self.mask_ratio_std > 0.0:
             raise ValueError(f"model.mask_ratio_std must be > 0, got {self.mask_ratio_std}")
+        if self.foreground_weight is not None and not 0.0 <= self.foreground_weight <= 100.0:
+            raise ValueError(f"model.foreground_weight must lie in [0, 100], got "
+                             f"{self.foreground_weight}")
 
 
 @dataclass

@@ -139,6 +139,9 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
     if mc.mask_ratio_std is not None:
         model.cfg.mar.mask_ratio_std = mc.mask_ratio_std
         source += f", mask ratio spread {mc.mask_ratio_std:g}"
+    if mc.foreground_weight is not None:
+        model.cfg.mar.foreground_weight = mc.foreground_weight
+        source += f", foreground loss weight +{mc.foreground_weight:g}"
     if mc.grad_scale is not None:
         model.cfg.grad_scale = mc.grad_scale
         source += f", understanding gradient x{mc.grad_scale:g} into the visual path"
