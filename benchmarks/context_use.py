@@ -28,6 +28,7 @@ import torch
 
 from harmon import Harmon
 from harmon.data.shapeworld import ShapeWorld
+from harmon.models.harmon import off_background
 from harmon.rng import TorchDraws
 from harmon.train.vae import shapeworld_batch
 
@@ -169,8 +170,9 @@ def attention_by_distance(model: Harmon, n_images: int = 32, visible: float = 0.
 
 def object_pixels(patch: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
     """(s, s) bool: the pixels of ``patch`` (3, s, s) that differ from ``background`` (3, 1, 1)
-    by over 0.3 summed over channels (in [-1, 1] units)."""
-    return (patch - background).abs().sum(0) > 0.3
+    by over 0.3 summed over channels (in [-1, 1] units): the rule the foreground loss weight
+    of training uses."""
+    return off_background(patch, background)
 
 
 def patch_colour(patch: torch.Tensor, background: torch.Tensor, colour: torch.Tensor) -> str:

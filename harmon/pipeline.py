@@ -483,6 +483,8 @@ class Harmon:
         the generator draws can hold; padded to square and resized to ``size`` (default: the
         model's image size) as the understanding path does."""
         images = _image_list(images)
+        if not images:
+            raise ValueError("no image given")
         size = size or self.cfg.image_size
         grid = self.model.grid_for(size)
         pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)

@@ -141,6 +141,8 @@ def test_its_autoencoder_keeps_what_the_judge_reads(shipped):
     assert back.shape == (64, 64, 3)
     psnr = 10 * np.log10(255.0 ** 2 / np.mean((back - scene) ** 2))
     assert psnr > 28, psnr  # the model card: 34 dB
+    with pytest.raises(ValueError, match="no image given"):
+        shipped.reconstruct([])
     ceiling = evaluate_reconstruction(shipped, samples=1, limit=60)
     assert ceiling["images"] == 60 and ceiling["overall"] >= 0.95
     conv = shipped.model.vae.decoder.conv_out

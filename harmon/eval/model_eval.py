@@ -5,8 +5,9 @@
 Generation: every evaluation prompt (the test split and the held-out colour-shape split) is
 generated ``samples`` times with default settings, written in GenEval's folder layout and scored
 by the judge, and so are the model's VAE reconstructions of true scenes for the same prompts (the
-best a generator can score through this autoencoder). Understanding: the questions of fresh evaluation scenes are answered greedily and
-scored per question type, with POPE accuracy, precision, recall, F1 and yes-ratio.
+best a generator can score through this autoencoder). Understanding: the questions of fresh
+evaluation scenes are answered greedily and scored per question type, with POPE accuracy,
+precision, recall, F1 and yes-ratio.
 """
 
 from __future__ import annotations

@@ -58,14 +58,22 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.SiLU(), nn.Linear(d_out, d_out))
 
 
-def foreground_share(pixels: torch.Tensor, stride: int, threshold: float = 0.3) -> torch.Tensor:
+def off_background(pixels: torch.Tensor, background: torch.Tensor,
+                   threshold: float = 0.3) -> torch.Tensor:
+    """Bool mask of the pixels of ``pixels`` (..., 3, H, W) in [-1, 1] whose colour differs from
+    ``background`` (broadcastable, e.g. (..., 3, 1, 1)) by over ``threshold`` summed over the
+    channels -> (..., H, W)."""
+    return (pixels - background).abs().sum(dim=-3) > threshold
+
+
+def foreground_share(pixels: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1] -> (B, N) the share of each token's stride x stride pixels
-    (raster order, as :meth:`HarmonModel.encode_images`) whose colour is off the image's median
-    colour by over ``threshold`` summed over channels: a label-free foreground measure for
-    images on a flat or finely textured background, such as ShapeWorld's."""
+    (raster order, as :meth:`HarmonModel.encode_images`) :func:`off_background` of the image's
+    median colour: a label-free foreground measure for images on a flat or finely textured
+    background, such as ShapeWorld's."""
     x = pixels.float()
     median = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-    off = ((x - median).abs().sum(dim=1, keepdim=True) > threshold).float()  # (B, 1, H, W)
+    off = off_background(x, median).unsqueeze(1).float()  # (B, 1, H, W)
     return F.avg_pool2d(off, stride).flatten(1)
 
 
