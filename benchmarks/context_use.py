@@ -28,7 +28,7 @@ import torch
 
 from harmon import Harmon
 from harmon.data.shapeworld import ShapeWorld
-from harmon.models.harmon import off_background
+from harmon.models.harmon import median_colour, off_background
 from harmon.rng import TorchDraws
 from harmon.train.vae import shapeworld_batch
 
@@ -200,7 +200,7 @@ def true_neighbours(pixels: torch.Tensor, cells: torch.Tensor, grid: tuple[int, 
     s = pixels.shape[-1] // w
     counts = {"same": 0, "other": 0, "background": 0}
     for b in range(pixels.shape[0]):
-        background = pixels[b].flatten(1).median(dim=1).values[:, None, None]
+        background = median_colour(pixels[b])
         for j in cells[b].nonzero().flatten().tolist():
             y, x = divmod(j, w)
             core = pixels[b, :, s * y:s * y + s, s * x:s * x + s]
@@ -248,7 +248,7 @@ def colour_copy(model: Harmon, n_images: int = 60, draws: int = 16, seed: int = 
         y, x = divmod(i, w)
         near = [yy * w + xx for yy in range(y - 1, y + 2) for xx in range(x - 1, x + 2)
                 if 0 <= yy < h and 0 <= xx < w]
-        background = pixels[b].flatten(1).median(dim=1).values[:, None, None]  # (3, 1, 1)
+        background = median_colour(pixels[b])  # (3, 1, 1)
         truth = pixels[b, :, s * y:s * y + s, s * x:s * x + s]
         true_colour = truth[:, object_pixels(truth, background)].mean(1)
         for context in COPY_CONTEXTS:
@@ -300,8 +300,8 @@ def main() -> None:
     for r in copying:
         print(f"{r['context']:>14} {r['other_share']:>13.3f} {r['background']:>11} {r['drawn']:>6}")
     pixels, _ = scenes(400, model.cfg.image_size)
-    truth = true_neighbours(pixels, object_cells(400, model.model.grid_for(*pixels.shape[-2:])),
-                            model.model.grid_for(*pixels.shape[-2:]))
+    grid = model.model.grid_for(*pixels.shape[-2:])
+    truth = true_neighbours(pixels, object_cells(400, grid), grid)
     total = sum(truth.values())
     print("in 400 scenes, a token next to an object-core token: " +
           ", ".join(f"{k} {v / total:.3f}" for k, v in truth.items()))

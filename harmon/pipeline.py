@@ -448,12 +448,16 @@ class Harmon:
         return [q if not isinstance(q, str) or not q.strip() or extra in q
                 else f"{q.rstrip()}\n{extra}" for q in questions]
 
+    def _pixels(self, images: list, size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> ((B, 3, S, S) in [-1, 1] on the model's device, token grid); S = ``size`` or
+        the model's image size, checked against the VAE stride first."""
+        size = size or self.cfg.image_size
+        grid = self.model.grid_for(size)
+        return torch.stack([preprocess(im, size) for im in images]).to(self.device), grid
+
     def _image_inputs(self, images: list, size: int | None) -> torch.Tensor:
         """Images -> (B, N+64, H) LLM inputs of the understanding path."""
-        size = size or self.cfg.image_size
-        self.model.grid_for(size)
-        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
-        return image_embeddings(self.model, pixels)
+        return image_embeddings(self.model, self._pixels(images, size)[0])
 
     def _answer_log_likelihood(self, img: torch.Tensor, qa: list[tuple[str, list[int]]]
                                ) -> torch.Tensor:
@@ -485,9 +489,7 @@ class Harmon:
         images = _image_list(images)
         if not images:
             raise ValueError("no image given")
-        size = size or self.cfg.image_size
-        grid = self.model.grid_for(size)
-        pixels = torch.stack([preprocess(im, size) for im in images]).to(self.device)
+        pixels, grid = self._pixels(images, size)
         tokens = self.model.encode_images(pixels.to(self.model.vae_dtype()))
         out = to_uint8(self.model.decode_tokens(tokens, grid).float()).cpu()
         return [Image.fromarray(im.numpy()) for im in out]

@@ -66,14 +66,19 @@ def off_background(pixels: torch.Tensor, background: torch.Tensor,
     return (pixels - background).abs().sum(dim=-3) > threshold
 
 
+def median_colour(pixels: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) -> (..., 3, 1, 1) each image's per-channel median: its background colour
+    when most of it is background."""
+    return pixels.flatten(-2).median(dim=-1).values[..., None, None]
+
+
 def foreground_share(pixels: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1] -> (B, N) the share of each token's stride x stride pixels
     (raster order, as :meth:`HarmonModel.encode_images`) :func:`off_background` of the image's
     median colour: a label-free foreground measure for images on a flat or finely textured
     background, such as ShapeWorld's."""
     x = pixels.float()
-    median = x.flatten(2).median(dim=2).values[:, :, None, None]  # (B, 3, 1, 1)
-    off = off_background(x, median).unsqueeze(1).float()  # (B, 1, H, W)
+    off = off_background(x, median_colour(x)).unsqueeze(1).float()  # (B, 1, H, W)
     return F.avg_pool2d(off, stride).flatten(1)
 
 
