@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..data.shapeworld import ShapeWorld
 from .judge import judge_image, summarize
-from .prompts import eval_prompts, write_geneval_folder
+from .prompts import eval_prompts, reference_images, write_geneval_folder
 from .shapes_cli import format_table
 from .vqa import build_vqa_eval_set, evaluate_vqa
 
@@ -53,8 +53,7 @@ def evaluate_reconstruction(model, samples: int = 2, seed: int = 0, batch_size: 
     :func:`~harmon.eval.judge.summarize`."""
     specs = eval_prompts("all")[:limit]
     world = ShapeWorld(size=model.cfg.image_size, seed=seed)
-    pairs = [(spec, world.scene_for_spec(spec, j).render_array()) for spec in specs
-             for j in range(samples)]
+    pairs = [(spec, im) for spec in specs for im in reference_images(world, spec, samples)]
     results = []
     for b in range(0, len(pairs), batch_size):
         chunk = pairs[b: b + batch_size]

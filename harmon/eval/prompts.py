@@ -196,6 +196,12 @@ def write_geneval_folder(out_dir: str | Path, specs: Sequence[PromptSpec],
     return out
 
 
+def reference_images(world: ShapeWorld, spec: PromptSpec, samples: int) -> list[np.ndarray]:
+    """``samples`` true scenes of ``spec`` drawn by ``world``, each (H, W, 3) uint8: what a
+    perfect generator would draw for the prompt."""
+    return [world.scene_for_spec(spec, j).render_array() for j in range(samples)]
+
+
 def write_reference_folder(out_dir: str | Path, specs: Sequence[PromptSpec] | None = None, samples: int = 4,
                            size: int = 128, seed: int = 0,
                            transform: Callable[[np.ndarray, int, int], np.ndarray] | None = None) -> Path:
@@ -213,8 +219,7 @@ def write_reference_folder(out_dir: str | Path, specs: Sequence[PromptSpec] | No
     world = ShapeWorld(size=size, seed=seed)
 
     def images(i: int, spec: PromptSpec):
-        for j in range(samples):
-            im = world.scene_for_spec(spec, j).render_array()
+        for j, im in enumerate(reference_images(world, spec, samples)):
             yield transform(im, i, j) if transform is not None else im
 
     return write_geneval_folder(out_dir, specs, images)
