@@ -225,6 +225,14 @@ def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
               if "judge_overall" in x]
     assert len(judged) == 1 and 0.0 <= judged[0]["judge_overall"] <= 1.0
     assert 0.0 <= judged[0]["vqa_overall"] <= 1.0 and "vqa_pope" in judged[0]
+    # a generator-only continuation trains no questions: it answers as its init, so it keeps
+    # the init's instruction (a shipped stage once lost it and answered with captions)
+    cont = tiny_config(tmp_path / "gen", ratio=(0, 0, 1), steps=1,
+                       model={"init": str(tmp_path / "final")}, run={"export_final": True})
+    Trainer(cont).train()
+    assert Harmon.from_pretrained(tmp_path / "gen" / "final").answer_instruction == SHORT_ANSWER_PROMPT
+    assert list(Trainer(tiny_config(tmp_path / "fresh", ratio=(0, 0, 1), steps=1)).notes()) == [
+        "trained_by"]  # no init, no questions: no instruction
 
 
 def test_ema_warms_up_and_samples_use_the_ema_weights(tmp_path):

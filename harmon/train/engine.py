@@ -187,6 +187,8 @@ class Trainer:
 
         check_paths(cfg)  # fail now, not after minutes of model building
         model, self.tokenizer, self.model_source = build_model(cfg.model)
+        # a run that trains no questions (the generator alone) answers as its init did
+        self.init_notes = checkpoints.read_notes(cfg.model.init) if cfg.model.init else {}
         self.trainable_counts = set_trainable(model, cfg.optim.frozen)
         if run.grad_checkpointing:
             model.mar.grad_checkpointing = True
@@ -618,6 +620,8 @@ class Trainer:
     def notes(self) -> dict[str, str]:
         """The notes (:data:`harmon.checkpoints.NOTE_KEYS`) of this run's checkpoints and export."""
         notes = {"trained_by": f"harmon train ({self.cfg.name}, step {self.step})"}
+        if "answer_instruction" in self.init_notes:
+            notes["answer_instruction"] = self.init_notes["answer_instruction"]
         if any(s.kind == "shapeworld" and s.task == "i2t" for s in self.cfg.data.sources):
             # its questions carry the short-answer line; answer() should add it too
             notes["answer_instruction"] = SHORT_ANSWER_PROMPT
