@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the model shipped in harmon/assets/shapeworld from nothing, on a CPU (2 cores: about
-# 14 hours). Every input is generated (ShapeWorld; the seeds are fixed here and in the configs);
+# 16 hours). Every input is generated (ShapeWorld; the seeds are fixed here and in the configs);
 # everything is written under runs/. Each step resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +18,13 @@ harmon train-tokenizer --out runs/shapeworld_tokenizer --vocab-size 512 --scenes
 #    convolutions added to the MAR, so the shared encoder sees shapes), then stage VI (3500 more steps
 #    of stage V's recipe in three parts), then stage VII (2000 more, colour questions drawn twice as
 #    often), then stage VIII (1400 more, colour questions a little more often again), then stage IX
-#    (1200 more, half again as many text-to-image samples per step);
+#    (1200 more, half again as many text-to-image samples per step), then stages X-F to X-F4
+#    (the generator alone, 4 x 700 steps, the loss of objects' tokens counted four times);
 #    configs/shapeworld_model_*.toml
-for s in 0 1 2 3 4 5_conv 6_conv 7_conv 8_conv 9_conv 10_conv 11_conv; do
+for s in 0 1 2 3 4 5_conv 6_conv 7_conv 8_conv 9_conv 10_conv 11_conv 17_fg 18_fg 19_fg 20_fg; do
   harmon train configs/shapeworld_model_stage$s.toml --resume
 done
 # 4. ship: float16 weights + tokenizer + config into the package
-python -m harmon.train.ship runs/shapeworld_model_stage11_conv/final harmon/assets/shapeworld
+python -m harmon.train.ship runs/shapeworld_model_stage20_fg/final harmon/assets/shapeworld
 # 5. score it (the numbers of docs/model_card.md)
 harmon eval model --samples 1 --vqa-images 500 --out runs/eval_shipped
