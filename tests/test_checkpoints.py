@@ -191,6 +191,32 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
     assert Harmon.from_pretrained("tiny").answer_instruction == ""
 
 
+def test_ship_takes_a_fine_tuned_decoder_and_refuses_another_encoder(tmp_path, tiny_harmon):
+    from harmon.train.ship import ship
+    from harmon.train.vae import VAETrainConfig, load_vae, train_vae
+
+    src = tiny_harmon.save_pretrained(tmp_path / "a")
+    common = dict(vae=tiny_harmon.model.cfg.vae, size=64, steps=1, batch_size=1, crop=0,
+                  warmup=1, lr=1e-2, init=str(src))
+    train_vae(VAETrainConfig(out_dir=str(tmp_path / "dec"), decoder_only=True, latent_noise=1.0,
+                             **common), log=lambda _: None)
+    shipped = Harmon.from_pretrained(ship(src, tmp_path / "b", decoder=tmp_path / "dec"))
+    assert "VAE decoder from dec" in shipped.provenance
+    tuned = load_vae(tmp_path / "dec")[0].state_dict()
+    old = tiny_harmon.model.vae.state_dict()
+    for k, v in shipped.model.vae.state_dict().items():
+        want = old[k] if k.startswith(("encoder.", "quant_conv.")) else tuned[k]
+        assert torch.equal(v, want.half().float()), k
+    assert not torch.equal(tuned["post_quant_conv.weight"], old["post_quant_conv.weight"])
+    # a VAE whose encoder trained too reads other latents: the generator would not fit it
+    train_vae(VAETrainConfig(out_dir=str(tmp_path / "full"), **common), log=lambda _: None)
+    with pytest.raises(CheckpointError, match="does not share this model's encoder"):
+        ship(src, tmp_path / "c", decoder=tmp_path / "full")
+    with pytest.raises(FileNotFoundError, match="not a harmon train-vae output"):
+        ship(src, tmp_path / "c", decoder=tmp_path / "nothing")
+    assert not (tmp_path / "c").exists()
+
+
 def test_x0_clip_is_part_of_the_saved_config(tmp_path):
     from harmon.configs import HarmonConfig, MARConfig
 

@@ -8,7 +8,7 @@ import torch
 from harmon.configs import VAEConfig
 from harmon.tokenizer import IMAGE, IM_END, IM_START, chat
 from harmon.train.bpe import shapeworld_texts, train_bpe
-from harmon.train.vae import VAETrainConfig, load_vae, random_crops, train_vae
+from harmon.train.vae import VAETrainConfig, load_vae, noisy_latents, random_crops, train_vae
 
 SMALL_VAE = VAEConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, encoder_attn_resolutions=(),
                       resolution=64, groupnorm_groups=8)
@@ -28,6 +28,45 @@ def test_vae_training_runs_resumes_and_writes(tmp_path):
     model, vcfg, scale = load_vae(tmp_path)
     assert vcfg == SMALL_VAE and scale > 0
     assert model.encode(torch.zeros(1, 3, 64, 64)).shape == (1, 16, 32, 32)
+
+
+def test_decoder_only_fine_tune_keeps_the_encoder_and_the_latent_scale(tmp_path):
+    base = VAETrainConfig(out_dir=str(tmp_path / "base"), vae=SMALL_VAE, steps=2, batch_size=2,
+                          crop=32, log_every=2, lr=1e-3, warmup=1)
+    train_vae(base, log=lambda _: None)
+    before, _, scale = load_vae(tmp_path / "base")
+    ft = VAETrainConfig(out_dir=str(tmp_path / "dec"), vae=SMALL_VAE, steps=2, batch_size=2,
+                        crop=0, log_every=2, lr=1e-2, warmup=1, init=str(tmp_path / "base"),
+                        decoder_only=True, latent_noise=1.0)
+    train_vae(ft, log=lambda _: None)
+    after, _, scale_after = load_vae(tmp_path / "dec")
+    assert scale_after == scale  # the latent space the generator knows is untouched
+    old, new = before.state_dict(), after.state_dict()
+    for k in old:
+        same = torch.equal(old[k], new[k])
+        assert same == k.startswith(("encoder.", "quant_conv.")), k
+    with pytest.raises(ValueError, match="decoder_only needs init"):
+        VAETrainConfig(decoder_only=True)
+    with pytest.raises(ValueError, match="latent_noise needs init"):
+        VAETrainConfig(latent_noise=0.5)
+    with pytest.raises(ValueError, match="latent_noise must be"):
+        VAETrainConfig(init="x", latent_noise=-1.0)
+    with pytest.raises(ValueError, match="not the architecture"):
+        train_vae(VAETrainConfig(out_dir=str(tmp_path / "x"), init=str(tmp_path / "base"),
+                                 steps=1), log=lambda _: None)
+    with pytest.raises(FileNotFoundError, match="neither a harmon train-vae output"):
+        train_vae(VAETrainConfig(out_dir=str(tmp_path / "y"), vae=SMALL_VAE, steps=1,
+                                 init=str(tmp_path / "nothing")), log=lambda _: None)
+
+
+def test_noisy_latents_draw_a_level_per_token_in_scaled_units():
+    z = torch.zeros(16, 1024, 4, 4)  # many channels: each token's std is measured closely
+    gen = torch.Generator().manual_seed(0)
+    assert noisy_latents(z, 2.0, 0.0, gen) is z
+    noise = noisy_latents(z, 2.0, 1.0, gen) * 2.0  # back in units of the scaled latents
+    level = noise.std(dim=1)  # (16, 4, 4): each token its own level, uniform on [0, 1]
+    assert level.max() < 1.1 and level.min() < 0.1
+    assert abs(float(level.mean()) - 0.5) < 0.1 and float(level.std()) > 0.2
 
 
 def test_random_crops_are_aligned():

@@ -2,30 +2,66 @@
 
     python -m harmon.train.ship runs/shapeworld_model_stage3/final harmon/assets/shapeworld
     python -m harmon.train.ship runs/NAME/final /tmp/small --int8   # weight matrices in int8
+    python -m harmon.train.ship runs/NAME/final DST --decoder runs/vae_decoder
+
+``--decoder`` takes the VAE decoder from a ``harmon train-vae --decoder-only`` run on the same
+model (its encoder must be the model's: the generator and the understanding path were trained on
+that encoder's latents).
 
 Loading converts the weights back to the dtype asked for (float32 on CPU by default).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 import torch
 
+from ..checkpoints import CheckpointError
+from ..models.harmon import HarmonModel
 from ..pipeline import Harmon
 
 LIMIT_MIB = 16
 
 
+def replace_decoder(model: HarmonModel, vae_dir: str | Path) -> None:
+    """Load the decoder (and post-quantisation conv) of a ``harmon train-vae --decoder-only``
+    output into ``model``, after checking that its encoder and latent scale are the model's."""
+    from .vae import load_vae
+
+    if not (Path(vae_dir) / "vae_config.json").is_file():
+        raise FileNotFoundError(f"{vae_dir} is not a harmon train-vae output (it has no "
+                                "vae_config.json)")
+    vae, vae_cfg, scale = load_vae(vae_dir)
+    if vae_cfg != model.cfg.vae:
+        raise CheckpointError(f"the VAE in {vae_dir} ({vae_cfg}) is not the model's architecture "
+                              f"({model.cfg.vae})")
+    own = model.vae.state_dict()
+    new = vae.state_dict()
+    encoder = [k for k in own if k.startswith(("encoder.", "quant_conv."))]
+    changed = [k for k in encoder if not torch.equal(new[k].to(own[k].dtype), own[k])]
+    if changed or abs(scale - model.cfg.vae_scale) > 1e-4 * model.cfg.vae_scale:
+        raise CheckpointError(f"the VAE in {vae_dir} does not share this model's encoder "
+                              f"({len(changed)} encoder weight(s) differ, latent scale {scale:g} "
+                              f"against {model.cfg.vae_scale:g}): only a decoder fine-tuned with "
+                              "harmon train-vae --decoder-only --init <this model> fits")
+    model.vae.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in new.items()
+                                         if k not in encoder}})
+
+
 def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
-         int8: bool = False) -> Path:
+         int8: bool = False, decoder: str | Path | None = None) -> Path:
     """Write ``src`` (a model directory) to ``dst`` in ``dtype`` (``int8``: its weight matrices
-    in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note."""
+    in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note;
+    ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
+    notes = [model.provenance] if model.provenance else []
+    if decoder is not None:
+        replace_decoder(model.model, decoder)
+        notes.append(f"VAE decoder from {Path(decoder).name} (harmon train-vae --decoder-only)")
     stored = str(dtype).replace('torch.', '') + (" (weight matrices int8)" if int8 else "")
-    model.provenance = (f"{model.provenance}; " if model.provenance else "") + \
-        f"shipped in {stored} by harmon.train.ship"
+    model.provenance = "; ".join(notes + [f"shipped in {stored} by harmon.train.ship"])
     out = model.save_pretrained(dst, int8=int8)
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2 ** 20
     if size > LIMIT_MIB:
@@ -36,7 +72,12 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--int8"]
-    if len(args) != 2:
-        sys.exit("usage: python -m harmon.train.ship SRC_MODEL_DIR DST_DIR [--int8]")
-    ship(args[0], args[1], int8="--int8" in sys.argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m harmon.train.ship",
+                                     description="package a trained model for shipping")
+    parser.add_argument("src", help="the trained model directory (e.g. runs/NAME/final)")
+    parser.add_argument("dst", help="where to write the shipped model")
+    parser.add_argument("--int8", action="store_true", help="weight matrices in int8")
+    parser.add_argument("--decoder", help="a harmon train-vae --decoder-only output whose "
+                        "decoder replaces the model's")
+    args = parser.parse_args()
+    ship(args.src, args.dst, int8=args.int8, decoder=args.decoder)

@@ -7,6 +7,15 @@ At the end the latent scale is measured (``vae_scale`` = 1 / std of the posterio
 0.2325 plays for KL-16) and written next to the weights.
 
     harmon train-vae --out runs/vae --steps 3000 --size 64
+
+Not in Harmon: ``--decoder-only --init MODEL --latent-noise S`` fine-tunes the decoder of a
+trained model's VAE alone, on scaled latents with Gaussian noise of a per-token level drawn from
+[0, S]. The encoder, and with it the latent space the generator and the understanding path were
+trained on, stays as it is (so does the latent scale); the decoder learns to turn the slightly
+wrong latents a generator draws into clean images.
+
+    harmon train-vae --decoder-only --init harmon/assets/shapeworld --latent-noise 1.0 \
+        --out runs/vae_decoder --steps 1500 --crop 0 --lr 2e-4
 """
 
 from __future__ import annotations
@@ -47,6 +56,17 @@ class VAETrainConfig:
     save_every: int = 500
     stop_at: int = 0  # stop (and export) at this step of the schedule; 0 = run all steps
     threads: int = 0  # torch threads (0: leave torch's default)
+    init: str = ""  # start from this VAE: a train-vae output or a Harmon model directory
+    decoder_only: bool = False  # train the decoder alone; the encoder and latent scale stay init's
+    latent_noise: float = 0.0  # noise on the scaled latents: per-token std drawn from [0, this]
+
+    def __post_init__(self):
+        if self.decoder_only and not self.init:
+            raise ValueError("decoder_only needs init: the trained VAE whose decoder to fine-tune")
+        if not math.isfinite(self.latent_noise) or self.latent_noise < 0:
+            raise ValueError(f"latent_noise must be a finite number >= 0, got {self.latent_noise}")
+        if self.latent_noise and not self.init:
+            raise ValueError("latent_noise needs init: the noise is in units of its latent scale")
 
 
 def shapeworld_batch(world, start: int, batch: int) -> torch.Tensor:
@@ -77,6 +97,35 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10 * math.log10(1.0 / max(mse, 1e-12))
 
 
+def noisy_latents(z: torch.Tensor, scale: float, max_std: float, gen: torch.Generator) -> torch.Tensor:
+    """Unscaled latents (B, C, h, w) with Gaussian noise whose std, in units of the scaled
+    latents (unit variance), is drawn uniformly from [0, max_std] for every token."""
+    if max_std <= 0:
+        return z
+    B, _, h, w = z.shape
+    std = torch.rand(B, 1, h, w, generator=gen) * max_std
+    return z + std * torch.randn(z.shape, generator=gen) / scale
+
+
+def init_vae(path: str | Path, vae_cfg: VAEConfig) -> tuple[AutoencoderKL, float]:
+    """The VAE and latent scale of a ``harmon train-vae`` output or of a Harmon model directory,
+    checked against the architecture ``vae_cfg``."""
+    p = Path(path)
+    if (p / "vae_config.json").is_file():
+        model, got, scale = load_vae(p)
+    elif p.is_dir() and (p / "config.json").is_file():
+        from ..checkpoints import load_harmon
+
+        harmon = load_harmon(p)
+        model, got, scale = harmon.vae, harmon.cfg.vae, harmon.cfg.vae_scale
+    else:
+        raise FileNotFoundError(f"{p} is neither a harmon train-vae output (vae_config.json) nor "
+                                "a Harmon model directory (config.json)")
+    if got != vae_cfg:
+        raise ValueError(f"the VAE in {p} ({got}) is not the architecture to train ({vae_cfg})")
+    return model.float(), float(scale)
+
+
 def _lr(cfg: VAETrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -93,9 +142,17 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    model = AutoencoderKL(cfg.vae)
-    model.initialize_weights()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
+    if cfg.init:
+        model, scale = init_vae(cfg.init, cfg.vae)
+    else:
+        model, scale = AutoencoderKL(cfg.vae), 1.0
+        model.initialize_weights()
+    model.requires_grad_(True)
+    if cfg.decoder_only:
+        model.encoder.requires_grad_(False)
+        model.quant_conv.requires_grad_(False)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     start = 0
     state_file = out / "train_state.pt"
@@ -115,11 +172,15 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
     for step in range(start, end):
         x = shapeworld_batch(world, step * cfg.batch_size, cfg.batch_size)
         x = random_crops(x, cfg.crop, cfg.vae.stride, gen)
-        moments = model.encode_moments(x)
-        recon = model.decode(model.sample(moments, draws))
+        if cfg.decoder_only:  # the frozen encoder's posterior mean, as Harmon reads it
+            with torch.no_grad():
+                z, kl = model.encode(x), torch.zeros(())
+        else:
+            moments = model.encode_moments(x)
+            z, kl = model.sample(moments, draws), model.kl(moments).mean() / x[0].numel()
+        recon = model.decode(noisy_latents(z, scale, cfg.latent_noise, gen))
         l1 = (recon - x).abs().mean()
         l2 = ((recon - x) ** 2).mean()
-        kl = model.kl(moments).mean() / x[0].numel()
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         if not torch.isfinite(loss):
             raise FloatingPointError(f"VAE loss became {float(loss)} at step {step}; the last "
@@ -128,7 +189,7 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
             group["lr"] = _lr(cfg, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             rec = {"step": step + 1, "loss": loss.item(), "l1": l1.item(), "kl": kl.item(),
@@ -145,7 +206,8 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
             tmp.replace(state_file)
     metrics.close()
     model.eval()
-    scale = measure_scale(model, world, cfg)
+    if not cfg.decoder_only:  # a frozen encoder keeps the latent space its generator knows
+        scale = measure_scale(model, world, cfg)
     write_vae(model, cfg.vae, scale, out)
     log(f"wrote {out / 'vae.safetensors'} (latent scale {scale:.4f}, full-size PSNR "
         f"{evaluate_vae(model, world):.1f} dB)")
@@ -190,7 +252,10 @@ def add_train_vae_command(subparsers) -> None:
     p = subparsers.add_parser("train-vae", help="train a small KL autoencoder on ShapeWorld",
                               **examples("harmon train-vae --out runs/vae --steps 3000",
                                          "harmon train-vae --out runs/vae --steps 9000 --crop 0 "
-                                         "--resume"))
+                                         "--resume",
+                                         "harmon train-vae --decoder-only --init "
+                                         "harmon/assets/shapeworld --latent-noise 1.0 --out "
+                                         "runs/vae_decoder --steps 1500 --crop 0 --lr 2e-4"))
     d = VAETrainConfig()
     p.add_argument("--out", default=d.out_dir)
     p.add_argument("--size", type=int, default=d.size)
@@ -204,6 +269,12 @@ def add_train_vae_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--data-seed", type=int, default=d.data_seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt")
+    p.add_argument("--init", default="", help="start from this VAE: a train-vae output or a "
+                   "Harmon model directory")
+    p.add_argument("--decoder-only", action="store_true", help="train the decoder alone; the "
+                   "encoder and the latent scale stay those of --init")
+    p.add_argument("--latent-noise", type=float, default=0.0, help="Gaussian noise on the scaled "
+                   "latents, its per-token std drawn from [0, this] (needs --init)")
     p.set_defaults(func=_cmd_train_vae)
 
 
@@ -214,7 +285,8 @@ def _cmd_train_vae(args) -> int:
     cfg = VAETrainConfig(out_dir=args.out, size=args.size, vae=vae, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                          crop=args.crop, stop_at=args.stop_at, seed=args.seed,
-                         data_seed=args.data_seed)
+                         data_seed=args.data_seed, init=args.init,
+                         decoder_only=args.decoder_only, latent_noise=args.latent_noise)
     if not args.resume and (Path(args.out) / "train_state.pt").is_file():
         raise ValueError(f"{args.out} already holds a VAE run; pass --resume to continue it or "
                          "choose another --out")
