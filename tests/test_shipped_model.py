@@ -10,10 +10,10 @@ import torch
 from harmon import Harmon
 from harmon.data import ShapeWorld
 from harmon.eval.judge import detect
-from harmon.eval.prompts import eval_prompts
+from harmon.eval.prompts import eval_prompts, reference_images
 from harmon.eval.vqa import build_vqa_eval_set, evaluate_vqa
 from harmon.fast.step import FastStep
-from harmon.generate import token_errors
+from harmon.generate import to_uint8, token_errors
 from harmon.pipeline import SHIPPED_MODEL_DIR
 from harmon.rng import TorchDraws
 from harmon.understand import preprocess
@@ -140,7 +140,7 @@ def test_its_autoencoder_keeps_what_the_judge_reads(shipped):
     back = np.asarray(shipped.reconstruct(scene)[0], dtype=np.float64)
     assert back.shape == (64, 64, 3)
     psnr = 10 * np.log10(255.0 ** 2 / np.mean((back - scene) ** 2))
-    assert psnr > 28, psnr  # the model card: 34 dB
+    assert psnr > 28, psnr  # the model card: 31 dB
     with pytest.raises(ValueError, match="no image given"):
         shipped.reconstruct([])
     ceiling = evaluate_reconstruction(shipped, samples=1, limit=60)
@@ -154,3 +154,23 @@ def test_its_autoencoder_keeps_what_the_judge_reads(shipped):
     finally:
         with torch.no_grad():
             conv.weight.copy_(saved)
+
+
+def test_its_decoder_tolerates_the_errors_of_drawn_latents(shipped):
+    """Stage X-D fine-tuned the VAE decoder alone on noisy latents (``harmon train-vae
+    --decoder-only --latent-noise 1``): true scenes' latents with noise of half their unit still
+    decode to images the judge passes (103 of 120; the decoder before it: 63), while the encoder,
+    and with it every answer, stayed."""
+    from harmon.eval.judge import judge_image
+
+    world = ShapeWorld(size=64, seed=0)
+    specs = eval_prompts("all")[:120]
+    scenes = [reference_images(world, spec, 1)[0] for spec in specs]
+    pixels = torch.stack([torch.from_numpy(s).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    with torch.no_grad():
+        tokens = shipped.model.encode_images(pixels.to(shipped.model.vae_dtype()))
+        noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
+        images = to_uint8(shipped.model.decode_tokens(tokens + 0.5 * noise.to(tokens.dtype),
+                                                      (8, 8)).float()).numpy()
+    right = sum(judge_image(im, spec).correct for im, spec in zip(images, specs))
+    assert right >= 90, right
