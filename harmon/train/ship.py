@@ -80,4 +80,7 @@ if __name__ == "__main__":
     parser.add_argument("--decoder", help="a harmon train-vae --decoder-only output whose "
                         "decoder replaces the model's")
     args = parser.parse_args()
-    ship(args.src, args.dst, int8=args.int8, decoder=args.decoder)
+    try:
+        ship(args.src, args.dst, int8=args.int8, decoder=args.decoder)
+    except (OSError, ValueError) as e:  # bad paths or a decoder that does not fit: say which
+        parser.error(str(e))

@@ -62,11 +62,13 @@ class VAETrainConfig:
 
     def __post_init__(self):
         if self.decoder_only and not self.init:
-            raise ValueError("decoder_only needs init: the trained VAE whose decoder to fine-tune")
+            raise ValueError("decoder_only needs init (--decoder-only needs --init): the trained "
+                             "VAE whose decoder to fine-tune")
         if not math.isfinite(self.latent_noise) or self.latent_noise < 0:
             raise ValueError(f"latent_noise must be a finite number >= 0, got {self.latent_noise}")
         if self.latent_noise and not self.init:
-            raise ValueError("latent_noise needs init: the noise is in units of its latent scale")
+            raise ValueError("latent_noise needs init (--latent-noise needs --init): the noise is "
+                             "in units of its latent scale")
 
 
 def shapeworld_batch(world, start: int, batch: int) -> torch.Tensor:
@@ -139,14 +141,14 @@ def train_vae(cfg: VAETrainConfig, resume: bool = False, log=print) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if cfg.init:
         model, scale = init_vae(cfg.init, cfg.vae)
     else:
         model, scale = AutoencoderKL(cfg.vae), 1.0
         model.initialize_weights()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     model.requires_grad_(True)
     if cfg.decoder_only:
         model.encoder.requires_grad_(False)
