@@ -165,8 +165,7 @@ def test_its_decoder_tolerates_the_errors_of_drawn_latents(shipped):
 
     world = ShapeWorld(size=64, seed=0)
     specs = eval_prompts("all")[:120]
-    scenes = [reference_images(world, spec, 1)[0] for spec in specs]
-    pixels = torch.stack([torch.from_numpy(s).permute(2, 0, 1).float() / 127.5 - 1 for s in scenes])
+    pixels = torch.stack([preprocess(reference_images(world, spec, 1)[0], 64) for spec in specs])
     with torch.no_grad():
         tokens = shipped.model.encode_images(pixels.to(shipped.model.vae_dtype()))
         noise = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(0))
