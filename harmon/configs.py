@@ -125,6 +125,11 @@ class MARConfig:
     # training: weight added to the diffusion loss of a masked token per unit of its foreground
     # share (harmon.models.harmon.foreground_share); 0 = MAR's plain mean over masked tokens
     foreground_weight: float = 0.0
+    # training: bound of the std (in units of the scaled latents) of Gaussian noise added to the
+    # *visible* tokens of a t2i sample, drawn per token from [0, bound]; the masked tokens' targets
+    # stay clean. At sampling time the visible tokens are the generator's own draws, never the
+    # encoder's exact latents; a generator trained on exact ones only reads them too literally.
+    context_noise: float = 0.0
     label_drop_prob: float = 0.1  # training: caption dropout
     class_num: int = 1000  # size of the unused class table (kept for checkpoint compatibility)
     attn_dropout: float = 0.1

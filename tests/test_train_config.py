@@ -317,3 +317,52 @@ def test_foreground_weight_counts_the_tokens_off_the_background_more(tmp_path):
     assert abs(loss(model, obj) - loss(plain, obj)) > 1e-6
     with pytest.raises(ValueError, match="foreground_weight must lie in"):
         tiny_config(tmp_path, overrides=["model.foreground_weight=-1"])
+
+
+def test_context_noise_perturbs_only_the_visible_tokens_in_training(tmp_path, monkeypatch):
+    """model.context_noise reaches the model and the run's source line; in training the
+    generator reads its visible tokens with noise of a per-token std in [0, bound] while the
+    masked tokens (the loss's targets) stay exact; in eval mode it reads them exact."""
+    from harmon.models.harmon import noisy_context
+    from harmon.rng import TorchDraws
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=[
+        "model.context_noise=0.5", "model.dropout=0"]).model)
+    assert model.cfg.mar.context_noise == 0.5 and "noise up to 0.5 on visible" in source
+
+    tokens = torch.randn(64, 100, 16)
+    mask = (torch.rand(64, 100, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    noisy = noisy_context(tokens, mask, 0.5, TorchDraws(torch.Generator().manual_seed(0)))
+    delta = noisy - tokens
+    assert torch.equal(delta[mask.bool()], torch.zeros_like(delta[mask.bool()]))
+    per_token = delta[~mask.bool()].std(dim=-1)
+    assert float(per_token.max()) < 0.5 * 1.8 and float(per_token.min()) < 0.05
+    # std drawn uniformly from [0, b]: the mean square is b^2 / 3
+    assert abs(float(delta[~mask.bool()].pow(2).mean()) - 0.25 / 3) < 0.006
+    again = noisy_context(tokens, mask, 0.5, TorchDraws(torch.Generator().manual_seed(0)))
+    assert torch.equal(noisy, again)
+
+    seen = {}
+    original = type(model).t2i_condition
+
+    def spy(self, tokens, mask, *args):
+        seen.update(tokens=tokens.clone(), mask=mask.clone())
+        return original(self, tokens, mask, *args)
+
+    monkeypatch.setattr(type(model), "t2i_condition", spy)
+    size = model.cfg.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ids, am = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    with torch.no_grad():
+        target = model.encode_images(pixels)
+        for train in (True, False):
+            model.train(train)
+            model.t2i_loss(pixels, ids, am, TorchDraws(torch.Generator().manual_seed(0)))
+            masked, visible = seen["mask"].bool(), ~seen["mask"].bool()
+            assert torch.equal(seen["tokens"][masked], target[masked])
+            moved = (seen["tokens"][visible] - target[visible]).abs().max()
+            assert (float(moved) > 1e-3) if train else (float(moved) == 0.0)
+    with pytest.raises(ValueError, match="context_noise must lie in"):
+        tiny_config(tmp_path, overrides=["model.context_noise=-0.1"])

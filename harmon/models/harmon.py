@@ -72,6 +72,18 @@ def median_colour(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.flatten(-2).median(dim=-1).values[..., None, None]
 
 
+def noisy_context(tokens: torch.Tensor, mask: torch.Tensor, bound: float, draws) -> torch.Tensor:
+    """``tokens`` (B, N, C) with Gaussian noise on the visible ones (``mask`` (B, N), 0 =
+    visible), its std drawn per token uniformly from [0, ``bound``].
+
+    The uniform draw is the normal CDF of a normal draw, so the draw sources need no new kind.
+    """
+    B, N, C = tokens.shape
+    u = 0.5 * (1.0 + torch.erf(draws.randn((B, N, 1), device=tokens.device) / math.sqrt(2.0)))
+    noise = draws.randn((B, N, C), device=tokens.device).to(tokens.dtype)
+    return tokens + (1.0 - mask)[..., None] * (bound * u).to(tokens.dtype) * noise
+
+
 def foreground_share(pixels: torch.Tensor, stride: int) -> torch.Tensor:
     """(B, 3, H, W) images in [-1, 1] -> (B, N) the share of each token's stride x stride pixels
     (raster order, as :meth:`HarmonModel.encode_images`) :func:`off_background` of the image's
@@ -237,7 +249,10 @@ class HarmonModel(nn.Module):
         num_masked = min(N, int(math.ceil(N * ratio)))
         mask = torch.zeros(B, N, device=target.device, dtype=target.dtype)
         mask.scatter_(1, orders[:, :num_masked], 1.0)
-        z = self.t2i_condition(target, mask, grid, self.embed_text(input_ids), attention_mask)
+        context = target
+        if self.training and self.cfg.mar.context_noise:
+            context = noisy_context(target, mask, self.cfg.mar.context_noise, draws)
+        z = self.t2i_condition(context, mask, grid, self.embed_text(input_ids), attention_mask)
         weights = mask
         if self.cfg.mar.foreground_weight:
             share = foreground_share(pixel_values, self.cfg.mar.vae_stride).to(mask.dtype)

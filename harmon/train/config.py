@@ -58,6 +58,10 @@ class ModelConfig:
     # background most tokens are background texture, whose noise dominates the mean loss; a
     # weight of 3 counts an object's tokens four times
     foreground_weight: float | None = None
+    # bound of the per-token std of Gaussian noise on the visible tokens of t2i samples (units of
+    # the scaled latents); None = the model's (0: the encoder's exact latents, as in Harmon). The
+    # generator samples from its own draws, which are never exact; see MARConfig.context_noise
+    context_noise: float | None = None
     # gradient scale of the understanding loss into the visual path (MAR encoder, proj_in); None =
     # the model's (0.1 in Harmon, which protects pretrained MAR features; a model trained from
     # scratch may need its encoder to learn what the questions ask about)
@@ -82,6 +86,8 @@ class ModelConfig:
             raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
         if self.mask_ratio_std is not None and not self.mask_ratio_std > 0.0:
             raise ValueError(f"model.mask_ratio_std must be > 0, got {self.mask_ratio_std}")
+        if self.context_noise is not None and not 0.0 <= self.context_noise <= 10.0:
+            raise ValueError(f"model.context_noise must lie in [0, 10], got {self.context_noise}")
         if self.foreground_weight is not None and not 0.0 <= self.foreground_weight <= 100.0:
             raise ValueError(f"model.foreground_weight must lie in [0, 100], got "
                              f"{self.foreground_weight}")

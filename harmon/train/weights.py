@@ -142,6 +142,9 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
     if mc.foreground_weight is not None:
         model.cfg.mar.foreground_weight = mc.foreground_weight
         source += f", foreground loss weight +{mc.foreground_weight:g}"
+    if mc.context_noise is not None:
+        model.cfg.mar.context_noise = mc.context_noise
+        source += f", noise up to {mc.context_noise:g} on visible t2i tokens"
     if mc.grad_scale is not None:
         model.cfg.grad_scale = mc.grad_scale
         source += f", understanding gradient x{mc.grad_scale:g} into the visual path"
