@@ -9,7 +9,8 @@ the same noise and timesteps for every row of the table. Most scored tokens are 
 tokens that lie inside an object: those a layout-aware model predicts from their neighbours.
 Two more measures follow: the error of object tokens the head *draws* (one step, 0-80% of the
 image visible) against the error of another scene's object token, and how much the decoder's
-first block attends to visible tokens near a masked one. Last, how often an object token the
+first block attends to visible tokens near a masked one; how much the loss grows when the
+visible tokens carry errors, as the generator's own draws do. Last, how often an object token the
 head draws takes another colour than its object's, by how much of the object the model sees.
 
     python benchmarks/context_use.py                           # the shipped model
@@ -73,7 +74,7 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
     m = model.model.eval()
     pixels, captions = scenes(n_images, model.cfg.image_size)
     tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
-    B, N, C = tokens.shape
+    B, N, _ = tokens.shape
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
     g = torch.Generator().manual_seed(seed)
     orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(model.device)
@@ -88,16 +89,57 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
         row = {"visible": visible}
         for name, texts in prompts.items():
             ids, attn = model._prompt_batch(texts, 1, False)[:2]
-            z = m.t2i_condition(tokens, masked, grid, m.embed_text(ids), attn)
             which = {"": scored} if name == "none" else {"": scored, "_objects": scored_objects}
-            for suffix, weights in which.items():
-                # the same seeds: every column sees the same timesteps and noise
-                losses = [float(m.mar.diffloss(
-                    tokens.reshape(B * N, C), z.reshape(B * N, -1), weights.reshape(B * N),
-                    TorchDraws(torch.Generator(model.device).manual_seed(r)))) for r in range(repeats)]
-                row[f"loss_{name}{suffix}"] = float(np.mean(losses))
+            losses = scored_losses(m, tokens, tokens, masked, grid, m.embed_text(ids), attn, which,
+                                   repeats)
+            row.update({f"loss_{name}{suffix}": v for suffix, v in losses.items()})
         rows.append(row)
     return rows
+
+
+def scored_losses(m, context: torch.Tensor, target: torch.Tensor, masked: torch.Tensor,
+                  grid: tuple[int, int], embeds: torch.Tensor, attn: torch.Tensor,
+                  weights: dict[str, torch.Tensor], repeats: int) -> dict[str, float]:
+    """Mean masked diffusion loss of ``target`` (B, N, C) under each of ``weights`` ((B, N)
+    each), the generator seeing ``context`` (B, N, C) where ``masked`` (B, N) is 0; the same
+    seeds for every call, so every caller's columns see the same timesteps and noise."""
+    B, N, C = target.shape
+    z = m.t2i_condition(context, masked, grid, embeds, attn)
+    return {key: float(np.mean([float(m.mar.diffloss(
+        target.reshape(B * N, C), z.reshape(B * N, -1), w.reshape(B * N),
+        TorchDraws(torch.Generator(target.device).manual_seed(r)))) for r in range(repeats)]))
+        for key, w in weights.items()}
+
+
+#: Std of the Gaussian noise on the visible tokens in :func:`noisy_context_table`, in units of the
+#: scaled latents (unit variance).
+CONTEXT_NOISE = (0.0, 0.05, 0.1, 0.2, 0.5)
+
+
+@torch.no_grad()
+def noisy_context_table(model: Harmon, n_images: int = 48, visible: float = 0.7,
+                        repeats: int = 3, seed: int = 0) -> list[dict]:
+    """How much the generator is thrown by errors in what it sees: the loss of :func:`context_table`
+    (caption given, ``visible`` of the image shown) when the visible tokens carry Gaussian noise
+    of each std in :data:`CONTEXT_NOISE`, and when they are the autoencoder's round trip
+    (decoded, then encoded again: errors of the size and kind a decoder and encoder make, about
+    0.08 rms on true scenes). At sampling time the visible tokens are the generator's own draws,
+    never exact; a generator whose loss doubles at small noise reads them too literally."""
+    m, tokens, grid, ids, attn, _ = encoded_scenes(model, n_images)
+    B, N, _ = tokens.shape
+    g = torch.Generator().manual_seed(seed)
+    orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(model.device)
+    scored = torch.zeros(B, N, device=model.device)
+    scored.scatter_(1, orders[:, :int(N * SCORED)], 1.0)
+    masked = torch.zeros(B, N, device=model.device)
+    masked.scatter_(1, orders[:, :N - int(math.floor(N * visible))], 1.0)
+    weights = {"all": scored, "objects": scored * object_cells(B, grid).to(model.device)}
+    noise = torch.randn(tokens.shape, generator=g).to(tokens)
+    contexts = {f"noise {s:g}": tokens + s * noise for s in CONTEXT_NOISE}
+    contexts["round trip"] = m.encode_images(m.decode_tokens(tokens, grid).clamp(-1, 1))
+    embeds = m.embed_text(ids)
+    return [{"context": name, **scored_losses(m, c, tokens, masked, grid, embeds, attn, weights,
+                                              repeats)} for name, c in contexts.items()]
 
 
 @torch.no_grad()
@@ -286,6 +328,11 @@ def main() -> None:
     for r in rows:
         print(f"{r['visible']:>8.0%} {r['loss_caption']:>13.4f} {r['loss_none']:>11.4f} "
               f"{r['loss_caption_objects']:>14.4f}")
+    noisy = noisy_context_table(model)
+    print("the same loss (caption, 70% visible, 48 scenes) with errors in the visible tokens")
+    print(f"{'visible tokens':>14} {'all scored':>11} {'object tokens':>14}")
+    for r in noisy:
+        print(f"{r['context']:>14} {r['all']:>11.4f} {r['objects']:>14.4f}")
     inpaint = inpainting_error(model)
     print("object tokens drawn by the head (one step, no guidance): squared error per channel")
     print(f"{'visible':>8} {'sampled':>8} {'another scene':>14}")
@@ -308,6 +355,7 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
                                            "images": args.images, "rows": rows,
+                                           "noisy_context": noisy,
                                            "inpainting": inpaint,
                                            "attention_by_distance": near,
                                            "colour_copy": copying,

@@ -491,7 +491,8 @@ def test_summary_of_heldout_only_results_is_valid_json():
 
 def test_context_use_measures(tmp_path):
     """benchmarks/context_use.py: object cells lie on objects, the inpainting error is finite,
-    and the attention-by-distance measure reads 1 everywhere for a position-blind block."""
+    the attention-by-distance measure reads 1 everywhere for a position-blind block, and the
+    shipped generator is not thrown by small errors in what it sees."""
     import torch
 
     from harmon import Harmon
@@ -522,6 +523,13 @@ def test_context_use_measures(tmp_path):
             attn.qkv.weight.copy_(saved[0])
             attn.qkv.bias.copy_(saved[1])
     assert all(abs(v - 1.0) < 1e-4 for v in blind.values())
+    # the shipped generator was trained reading noisy context (stage X-C): noise of 0.1 on what
+    # it sees costs it little (X-C: 1.2 x the loss on these 8 scenes; the generator before it,
+    # trained on exact latents only: 3.6 x on 16)
+    noisy = {r["context"]: r for r in mod["noisy_context_table"](model, n_images=8, repeats=1)}
+    assert list(noisy) == [f"noise {s:g}" for s in mod["CONTEXT_NOISE"]] + ["round trip"]
+    assert noisy["noise 0.1"]["all"] < 1.3 * noisy["noise 0"]["all"]
+    assert noisy["noise 0.5"]["all"] > noisy["noise 0"]["all"]
 
     bg, red = torch.tensor([-0.8, -0.8, -0.6])[:, None, None], torch.tensor([0.9, -0.9, -0.9])
     patch = bg.repeat(1, 8, 8)
@@ -536,11 +544,12 @@ def test_context_use_measures(tmp_path):
     pixels, _ = mod["scenes"](40, 64)
     truth = mod["true_neighbours"](pixels, mod["object_cells"](40, (8, 8)), (8, 8))
     assert truth["same"] > 0.7 * sum(truth.values()) and truth["other"] < 0.02 * sum(truth.values())
-    copying = mod["colour_copy"](model, n_images=10, draws=8)
+    copying = mod["colour_copy"](model, n_images=24, draws=8)
     assert [r["context"] for r in copying] == list(mod["COPY_CONTEXTS"])
     assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copying)
-    # the shipped model copies a colour from the whole object far better than from one token
-    assert copying[-1]["other_share"] < copying[0]["other_share"]
+    # the shipped model copies a colour from the object's 3 x 3 neighbourhood far better than
+    # from one token (0.021 against 0.105 in the benchmark's 960 draws; 0.044 / 0.096 here)
+    assert copying[1]["other_share"] < 0.7 * copying[0]["other_share"]
 
 
 def test_understanding_use_measures():
@@ -651,6 +660,9 @@ def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
             del cat["prompts"]  # evaluate_generation's addition
         assert rows[f"{method}, best of 2"] == direct
     right = {k: sum(c["correct"] for c in r["categories"].values()) for k, r in rows.items()}
+    # "any one" judges every candidate (6 images); the other rows one image per prompt
+    assert right["any one"] / 2 <= right["oracle"]
+    del right["any one"]
     assert right["oracle"] == max(right.values())
     mod["print_table"](result)
     assert "yes, best of 2" in capsys.readouterr().out
