@@ -237,8 +237,10 @@ class HarmonModel(nn.Module):
                  attention_mask: torch.Tensor, draws) -> dict[str, torch.Tensor]:
         """Masked diffusion loss (training.md §1.1).
 
-        Draw order: one permutation per row, then the mask ratio, then the head's timesteps and
-        noise. Returns ``loss`` plus the ``mask`` (B, N) and the conditions ``z`` (B, N, D).
+        Draw order: one permutation per row, then the mask ratio, then (in training, with
+        ``mar.context_noise``) the visible tokens' noise levels and noise, then the head's
+        timesteps and noise. Returns ``loss`` plus the ``mask`` (B, N) and the conditions ``z``
+        (B, N, D).
         """
         grid = self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         with torch.no_grad():
