@@ -69,6 +69,16 @@ def encoded_scenes(model: Harmon, n: int):
     return m, tokens, grid, ids, attn, pixels
 
 
+def scored_tokens(g: torch.Generator, B: int, N: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random order of each row's N tokens (B, N), drawn from ``g``, and the (B, N) 0/1 mask
+    of the first :data:`SCORED` of them: the tokens whose loss is measured (masked last, so
+    never visible)."""
+    orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(device)
+    scored = torch.zeros(B, N, device=device)
+    scored.scatter_(1, orders[:, :int(N * SCORED)], 1.0)
+    return orders, scored
+
+
 @torch.no_grad()
 def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int = 0) -> list[dict]:
     m = model.model.eval()
@@ -76,10 +86,7 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
     tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
     B, N, _ = tokens.shape
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
-    g = torch.Generator().manual_seed(seed)
-    orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(model.device)
-    scored = torch.zeros(B, N, device=model.device)
-    scored.scatter_(1, orders[:, :int(N * SCORED)], 1.0)
+    orders, scored = scored_tokens(torch.Generator().manual_seed(seed), B, N, model.device)
     scored_objects = scored * object_cells(B, grid).to(model.device)
     prompts = {"caption": captions, "none": ["Generate an image."] * B}
     rows = []
@@ -128,9 +135,7 @@ def noisy_context_table(model: Harmon, n_images: int = 48, visible: float = 0.7,
     m, tokens, grid, ids, attn, _ = encoded_scenes(model, n_images)
     B, N, _ = tokens.shape
     g = torch.Generator().manual_seed(seed)
-    orders = torch.stack([torch.randperm(N, generator=g) for _ in range(B)]).to(model.device)
-    scored = torch.zeros(B, N, device=model.device)
-    scored.scatter_(1, orders[:, :int(N * SCORED)], 1.0)
+    orders, scored = scored_tokens(g, B, N, model.device)
     masked = torch.zeros(B, N, device=model.device)
     masked.scatter_(1, orders[:, :N - int(math.floor(N * visible))], 1.0)
     weights = {"all": scored, "objects": scored * object_cells(B, grid).to(model.device)}
