@@ -523,9 +523,9 @@ def test_context_use_measures(tmp_path):
             attn.qkv.weight.copy_(saved[0])
             attn.qkv.bias.copy_(saved[1])
     assert all(abs(v - 1.0) < 1e-4 for v in blind.values())
-    # the shipped generator was trained reading noisy context (stage X-C): noise of 0.1 on what
-    # it sees costs it little (X-C: 1.2 x the loss on these 8 scenes; the generator before it,
-    # trained on exact latents only: 3.6 x on 16)
+    # the shipped generator was trained reading noisy context (stages X-C and X-C2): noise of 0.1
+    # on what it sees costs it little (X-C: 1.2 x the loss on these 8 scenes; the generator
+    # before it, trained on exact latents only: 3.6 x on 16)
     noisy = {r["context"]: r for r in mod["noisy_context_table"](model, n_images=8, repeats=1)}
     assert list(noisy) == [f"noise {s:g}" for s in mod["CONTEXT_NOISE"]] + ["round trip"]
     assert noisy["noise 0.1"]["all"] < 1.3 * noisy["noise 0"]["all"]
