@@ -666,3 +666,48 @@ def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
     assert right["oracle"] == max(right.values())
     mod["print_table"](result)
     assert "yes, best of 2" in capsys.readouterr().out
+
+
+def test_failure_modes_files_two_object_images_by_what_they_hold(tmp_path):
+    """benchmarks/failure_modes.py: a missed shape is filed as copied / other / neither, a
+    position image's relation as right / opposite / other axis; true scenes fail nothing."""
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "failure_modes.py"))
+
+    def det(shape, box):
+        return Detection(shape, "red", box, 0.04, 0.0, 0.0)
+
+    left, right, top = (0.1, 0.4, 0.3, 0.6), (0.7, 0.4, 0.9, 0.6), (0.1, 0.05, 0.3, 0.25)
+    pair = PromptSpec("two_object", "a circle and a square", (ObjectReq("circle"), ObjectReq("square")))
+    kind = mod["missing_shape_kind"]
+    assert kind([det("circle", left), det("circle", right)], pair) == "copied"
+    assert kind([det("circle", left), det("star", right)], pair) == "other"
+    assert kind([det("circle", left), det(None, right)], pair) == "other"
+    assert kind([det("star", left), det(None, right)], pair) == "neither"
+    pos = PromptSpec("position", "a circle to the left of a square",
+                     (ObjectReq("square"), ObjectReq("circle", position=("left of", 0))))
+    rel = mod["relation_kind"]
+    assert rel([det("square", right), det("circle", left)], pos) == "right"
+    assert rel([det("square", left), det("circle", right)], pos) == "opposite"
+    assert rel([det("square", left), det("circle", top)], pos) == "other axis"
+    assert rel([det("circle", left)], pos) is None
+    assert rel([det("circle", left), det("square", right)], pair) is None  # no relation asked
+
+    with pytest.raises(FileNotFoundError, match="eval model"):
+        mod["count"](tmp_path)
+    world = ShapeWorld(size=64, seed=3, kind_weights={"single": 0, "pair": 1, "count": 0, "multi": 0})
+    n = 0
+    for i in range(8):
+        scene = world.sample(i)
+        for spec in scene.specs():
+            if spec.tag not in mod["TAGS"]:
+                continue
+            folder = tmp_path / "images" / f"{n:05d}"
+            (folder / "samples").mkdir(parents=True)
+            (folder / "metadata.jsonl").write_text(json.dumps(spec.to_metadata()) + "\n")
+            scene.render().save(folder / "samples" / "00000.png")
+            n += 1
+    table = mod["count"](tmp_path)
+    assert table["all"]["images"] == n > 8 and table["position"]["images"] > 0
+    assert table["all"]["judged right"] == n and "missing shape" not in table["all"]
+    assert table["position"]["both shapes drawn"] == table["position"]["relation right"] \
+        == table["position"]["images"]
