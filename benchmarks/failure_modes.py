@@ -27,6 +27,7 @@ from typing import Sequence
 from harmon.data.shapes import OPPOSITE_RELATION, relative_position
 from harmon.data.shapeworld import PromptSpec
 from harmon.eval.judge import Detection, detect, first_failure, load_image
+from harmon.eval.prompts import read_geneval_folder
 
 HERE = Path(__file__).resolve().parent
 TAGS = ("two_object", "position", "color_attr")
@@ -73,14 +74,12 @@ def count(eval_dir: str | Path) -> dict[str, dict[str, int]]:
         raise FileNotFoundError(f"{root} does not exist: pass the --out folder of "
                                 "`harmon eval model`")
     out: dict[str, Counter] = {t: Counter() for t in TAGS}
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        meta = json.loads((folder / "metadata.jsonl").read_text().splitlines()[0])
-        if meta.get("tag") not in TAGS or meta.get("split", "test") != "test":
+    for _, spec, images in read_geneval_folder(root):
+        if spec.tag not in TAGS or spec.split != "test":
             continue
-        spec = PromptSpec.from_metadata(meta)
-        c = out[meta["tag"]]
-        for png in sorted((folder / "samples").glob("*.png")):
-            dets = detect(load_image(png))
+        c = out[spec.tag]
+        for path in images:
+            dets = detect(load_image(path))
             kind, _ = first_failure(dets, spec)
             c["images"] += 1
             c["judged right"] += kind is None

@@ -21,7 +21,7 @@ from harmon.data.shapeworld import GENEVAL_TAGS, noun_phrase
 from harmon.eval import (FAILURE_KINDS, Detection, ImageLoadError, build_vqa_eval_set, check_spec, detect,
                          eval_prompts, evaluate_vqa, exact_match, first_failure, judge_detections,
                          judge_image, load_image, normalize_answer, parse_yes_no, pope_metrics,
-                         read_metadata_jsonl, summarize, write_reference_folder)
+                         read_metadata_jsonl, summarize, write_geneval_folder, write_reference_folder)
 from harmon.eval.judge import label_components, to_rgb_array
 from harmon.eval.shapes_cli import add_eval_shapes_command, format_table
 
@@ -695,17 +695,11 @@ def test_failure_modes_files_two_object_images_by_what_they_hold(tmp_path):
     with pytest.raises(FileNotFoundError, match="eval model"):
         mod["count"](tmp_path)
     world = ShapeWorld(size=64, seed=3, kind_weights={"single": 0, "pair": 1, "count": 0, "multi": 0})
-    n = 0
-    for i in range(8):
-        scene = world.sample(i)
-        for spec in scene.specs():
-            if spec.tag not in mod["TAGS"]:
-                continue
-            folder = tmp_path / "images" / f"{n:05d}"
-            (folder / "samples").mkdir(parents=True)
-            (folder / "metadata.jsonl").write_text(json.dumps(spec.to_metadata()) + "\n")
-            scene.render().save(folder / "samples" / "00000.png")
-            n += 1
+    scenes = [(scene, spec) for scene in map(world.sample, range(8)) for spec in scene.specs()
+              if spec.tag in mod["TAGS"]]
+    write_geneval_folder(tmp_path / "images", [spec for _, spec in scenes],
+                         lambda i, spec: [scenes[i][0].render()])
+    n = len(scenes)
     table = mod["count"](tmp_path)
     assert table["all"]["images"] == n > 8 and table["position"]["images"] > 0
     assert table["all"]["judged right"] == n and "missing shape" not in table["all"]
