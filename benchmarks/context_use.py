@@ -31,6 +31,7 @@ from harmon import Harmon
 from harmon.data.shapeworld import ShapeWorld
 from harmon.models.harmon import median_colour, off_background
 from harmon.rng import TorchDraws
+from harmon.tokenizer import pad_ids
 from harmon.train.vae import shapeworld_batch
 
 HERE = Path(__file__).resolve().parent
@@ -45,17 +46,32 @@ def scenes(n: int, size: int):
 
 
 def object_cells(n: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(n, h*w) 1 where a token's cell centre lies in an object's core (within 0.3 diameters of
-    its centre: inside every shape's outline), else 0; the scenes of :func:`scenes`."""
+    """(n, h*w) 1 where a token's cell centre lies in an object's core, the scenes of
+    :func:`scenes` (see :func:`object_cells_of`)."""
     world = ShapeWorld(size=64, seed=7)  # only geometry is read: normalised, independent of size
+    return object_cells_of([world.sample(i) for i in range(n)], grid)
+
+
+def object_cells_of(scenes, grid: tuple[int, int]) -> torch.Tensor:
+    """(len(scenes), h*w) 1 where a token's cell centre lies in an object's core (within 0.3
+    diameters of its centre: inside every shape's outline), else 0."""
     h, w = grid
     cy, cx = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
-    cells = torch.zeros(n, h * w)
-    for i in range(n):
-        for o in world.sample(i).objects:
+    cells = torch.zeros(len(scenes), h * w)
+    for i, scene in enumerate(scenes):
+        for o in scene.objects:
             inside = torch.hypot(cx - o.x, cy - o.y) < 0.3 * o.diameter
             cells[i] = torch.maximum(cells[i], inside.flatten().float())
     return cells
+
+
+def prompt_ids(model: Harmon, texts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded generation prompts (B, L) and their 0/1 mask; None = the unconditional
+    prompt (the one caption dropout trains, not "Generate an image: ..." around a caption)."""
+    tok = model.tokenizer
+    rows = [tok.unconditional_ids() if t is None else tok.generation_ids(t) for t in texts]
+    ids, mask = pad_ids(rows, tok.pad_id)
+    return ids.to(model.device), mask.to(model.device)
 
 
 def encoded_scenes(model: Harmon, n: int):
@@ -65,7 +81,7 @@ def encoded_scenes(model: Harmon, n: int):
     pixels, captions = scenes(n, model.cfg.image_size)
     tokens = m.encode_images(pixels.to(model.device, m.vae_dtype())).to(m.dtype)
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
-    ids, attn = model._prompt_batch(captions, 1, False)[:2]
+    ids, attn = prompt_ids(model, captions)
     return m, tokens, grid, ids, attn, pixels
 
 
@@ -88,14 +104,14 @@ def context_table(model: Harmon, n_images: int = 32, repeats: int = 4, seed: int
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])
     orders, scored = scored_tokens(torch.Generator().manual_seed(seed), B, N, model.device)
     scored_objects = scored * object_cells(B, grid).to(model.device)
-    prompts = {"caption": captions, "none": ["Generate an image."] * B}
+    prompts = {"caption": captions, "none": [None] * B}
     rows = []
     for visible in VISIBLE:
         masked = torch.zeros(B, N, device=model.device)
         masked.scatter_(1, orders[:, :N - int(math.floor(N * visible))], 1.0)
         row = {"visible": visible}
         for name, texts in prompts.items():
-            ids, attn = model._prompt_batch(texts, 1, False)[:2]
+            ids, attn = prompt_ids(model, texts)
             which = {"": scored} if name == "none" else {"": scored, "_objects": scored_objects}
             losses = scored_losses(m, tokens, tokens, masked, grid, m.embed_text(ids), attn, which,
                                    repeats)

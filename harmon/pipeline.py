@@ -24,7 +24,7 @@ from .generate import REFINE_FRACTION, REFINE_STEPS, StepInfo, sample_tokens, to
 from .models.harmon import HarmonModel
 from .rng import TorchDraws
 from .tokenizer import (BRIEF_CAPTION_QUESTION, CAPTION_QUESTION, HarmonTokenizer,
-                        byte_level_tokenizer)
+                        byte_level_tokenizer, pad_ids)
 from .understand import answer_log_likelihood, decode, image_embeddings, preprocess
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapeworld"
@@ -212,12 +212,7 @@ class Harmon:
         rows = [self.tokenizer.generation_ids(p) for p in prompts for _ in range(n)]
         if guided:
             rows += [self.tokenizer.unconditional_ids()] * len(rows)
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_ids(rows, self.tokenizer.pad_id)
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
@@ -372,13 +367,7 @@ class Harmon:
         questions = self._with_instruction(questions, instruction)
         img = self._image_inputs(images, size)  # (B, N+64, H)
         rows = [self.tokenizer.question_ids(q, img.shape[1]) for q in questions]
-        L = max(len(r) for r in rows)
-        # left padding keeps every row's last token at the end, where decoding continues
-        ids = torch.full((len(rows), L), self.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, L - len(r):] = torch.tensor(r)
-            mask[i, L - len(r):] = 1
+        ids, mask = pad_ids(rows, self.tokenizer.pad_id, left=True)
         ids, mask = ids.to(self.device), mask.to(self.device)
         embeds = self.model.splice_images(ids, img, self.tokenizer.image_id)
         gen = self._generator(seed, None) if do_sample else None

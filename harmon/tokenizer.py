@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 IM_START, IM_END, ENDOFTEXT, IMAGE = "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>"
@@ -29,6 +30,21 @@ BRIEF_CAPTION_QUESTION = "Describe the image briefly."
 def chat(text: str) -> str:
     """One user turn in the Qwen chat format, ending where the assistant starts."""
     return CHAT_TEMPLATE.format(input=text)
+
+
+def pad_ids(rows: list[list[int]], pad_id: int, left: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Id rows of different lengths -> ids (B, L) filled with ``pad_id`` and the 0/1 attention
+    mask (B, L). Right padding for prompts that are read whole; left padding keeps every row's
+    last token at the end, where decoding continues."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, r in enumerate(rows):
+        where = slice(L - len(r), L) if left else slice(0, len(r))
+        ids[i, where] = torch.tensor(r, dtype=torch.long)
+        mask[i, where] = 1
+    return ids, mask
 
 
 class HarmonTokenizer:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from harmon.data import HELDOUT_PAIRS, ObjectReq, PromptSpec, ShapeWorld, degrade
-from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, SHAPE_NAMES
+from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPE_NAMES
 from harmon.data.shapeworld import GENEVAL_TAGS, noun_phrase
 from harmon.eval import (FAILURE_KINDS, Detection, ImageLoadError, build_vqa_eval_set, check_spec, detect,
                          eval_prompts, evaluate_vqa, exact_match, first_failure, judge_detections,
@@ -666,6 +666,47 @@ def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
     assert right["oracle"] == max(right.values())
     mod["print_table"](result)
     assert "yes, best of 2" in capsys.readouterr().out
+
+
+def test_caption_use_changes_one_thing_and_pairs_the_draws():
+    """benchmarks/caption_use.py: each changed caption differs from the true one in the named
+    thing only; a caption compared with itself scores the same to the last digit (the same
+    masks, timesteps and noise), and the shipped generator reads colour and shape words."""
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "caption_use.py"))
+    scenes = mod["related_pairs"](5, 64)
+    assert all(len(s.objects) == 2 and s.relation and s.objects[0].color != s.objects[1].color
+               for s in scenes)
+    for s in scenes:
+        i, rel, j = s.relation
+        a, b = s.objects[i], s.objects[j]
+        caps = mod["captions"](s)
+        true, turned = caps["relation"]
+        assert true.replace(RELATIONS[rel], RELATIONS[OPPOSITE_RELATION[rel]]) == turned
+        true, swapped = caps["colours swapped"]
+        assert swapped.split() == [{a.color: b.color, b.color: a.color}.get(w, w)
+                                   for w in true.split()]
+        true, other = caps["shape"]
+        assert other != true and a.shape not in other.split()[:2] and b.shape in other
+        true, other = caps["colour"]
+        assert a.color not in other and b.color in other
+        assert caps["no caption"][1] is None
+    from harmon import Harmon
+
+    model = Harmon.from_pretrained()
+    rows = mod["caption_table"](model, n_scenes=6, repeats=1)
+    assert len(rows) == len(mod["VISIBLE"]) * len(mod["TESTS"])
+    by = {(r["test"], r["visible"]): r for r in rows}
+    assert by[("colour", 0.5)]["loss_true"] < by[("colour", 0.5)]["loss_changed"]
+    assert by[("no caption", 0.5)]["loss_true"] < by[("no caption", 0.5)]["loss_changed"]
+    table = mod["caption_table"]
+    names = table.__wrapped__.__globals__  # the module's namespace, behind torch.no_grad
+    real = names["captions"]
+    names["captions"] = lambda s: {t: (real(s)[t][0],) * 2 for t in mod["TESTS"]}
+    try:
+        same = table(model, n_scenes=3, repeats=1)
+    finally:
+        names["captions"] = real
+    assert all(r["loss_true"] == r["loss_changed"] and r["true_better"] == 0.0 for r in same)
 
 
 def test_failure_modes_files_two_object_images_by_what_they_hold(tmp_path):

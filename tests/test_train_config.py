@@ -253,6 +253,39 @@ def test_qtype_weights_shape_the_shapeworld_question_stream(tmp_path):
         load_config(f, ["data.sources.1.qtype_weights=3"])
 
 
+def test_kind_and_style_weights_shape_the_shapeworld_caption_stream(tmp_path):
+    """A t2i source's scene kinds and caption styles follow kind_weights / style_weights; unset,
+    the stream is the default one, item for item."""
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    base = (CONFIGS / "shapeworld_stage2.toml").read_text()
+    f.write_text(base.replace('task = "t2i"', 'task = "t2i"\nkind_weights = { pair = 1 }\n'
+                              'style_weights = { position_plain = 1 }', 1))
+    cfg = load_config(f)
+    sc = next(s for s in cfg.data.sources if s.task == "t2i")
+    assert sc.kind_weights == {"pair": 1.0} and sc.style_weights == {"position_plain": 1.0}
+    assert load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg  # inline table round trip
+    src = build_source(sc, 64, 0)
+    caps = [src.item(i)["caption"] for i in range(40)]
+    # pairs only; those without a clear relation fall back to the plain caption "a X and a Y"
+    related = [c for c in caps if " of " in c or " above " in c or " below " in c]
+    assert all(" and " in c for c in caps if c not in related)
+    assert len(related) > 20 and not any(w in c for c in caps for w in ("red", "blue", "green"))
+    from harmon.data.shapeworld import ShapeWorld
+    plain = next(s for s in load_config(CONFIGS / "shapeworld_stage2.toml").data.sources
+                 if s.task == "t2i")
+    world = ShapeWorld(size=64, seed=plain.seed)
+    assert [build_source(plain, 64, 0).item(i)["caption"] for i in range(20)] == \
+        [world.t2i_item(i)["caption"] for i in range(20)]
+    with pytest.raises(ValueError, match=r"unknown scene kinds in kind_weights \['pairs'\]"):
+        load_config(f, ["data.sources.0.kind_weights={pairs = 1}"])
+    with pytest.raises(ValueError, match="shapeworld t2i sources only"):
+        load_config(f, ["data.sources.1.style_weights={short = 1}"])
+    with pytest.raises(ValueError, match="weights must be >= 0 with a positive sum"):
+        load_config(f, ["data.sources.0.style_weights={short = 0}"])
+
+
 def test_mask_ratio_std_override_spreads_the_t2i_masks(tmp_path):
     """model.mask_ratio_std widens MAR's truncated normal (mean 1): with a large spread the
     training masks hide about half the tokens on average instead of about four fifths."""

@@ -107,6 +107,11 @@ class SourceConfig:
     # shapeworld i2t: question-type probabilities, e.g. { pope = 2, count = 1 } (unset = the
     # stream's defaults, harmon.data.shapeworld.DEFAULT_QTYPE_WEIGHTS); a curriculum knob
     qtype_weights: dict[str, float] = field(default_factory=dict)
+    # shapeworld: scene-kind probabilities, e.g. { single = 1, pair = 3 } (unset =
+    # harmon.data.shapeworld.DEFAULT_KIND_WEIGHTS), and for t2i caption-style probabilities,
+    # e.g. { short = 1, position_plain = 1 } (unset = DEFAULT_STYLE_WEIGHTS): the t2i mix knobs
+    kind_weights: dict[str, float] = field(default_factory=dict)
+    style_weights: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -119,13 +124,20 @@ class SourceConfig:
             raise ValueError(f"a {self.kind} data source needs a path")
         if self.weight < 1:
             raise ValueError(f"data source weight must be a positive integer, got {self.weight}")
-        if self.qtype_weights:
-            if (self.kind, self.task) != ("shapeworld", "i2t"):
-                raise ValueError("qtype_weights applies to shapeworld i2t sources only, not to a "
-                                 f"{self.kind} {self.task} source")
-            from ..data.shapeworld import DEFAULT_QTYPE_WEIGHTS, _check_weights
-            self.qtype_weights = _check_weights(self.qtype_weights, list(DEFAULT_QTYPE_WEIGHTS),
-                                                "question types in qtype_weights")
+        from ..data import shapeworld as sw
+        # (key, the task it needs or None for any, its allowed names, what they are)
+        for key, task, allowed, what in (
+                ("qtype_weights", "i2t", sw.DEFAULT_QTYPE_WEIGHTS, "question types"),
+                ("kind_weights", None, sw.DEFAULT_KIND_WEIGHTS, "scene kinds"),
+                ("style_weights", "t2i", sw.DEFAULT_STYLE_WEIGHTS, "caption styles")):
+            if not getattr(self, key):
+                continue
+            if self.kind != "shapeworld" or task not in (None, self.task):
+                where = f"shapeworld {task} sources" if task else "shapeworld sources"
+                raise ValueError(f"{key} applies to {where} only, not to a {self.kind} "
+                                 f"{self.task} source")
+            setattr(self, key, sw._check_weights(getattr(self, key), list(allowed),
+                                                 f"{what} in {key}"))
 
 
 @dataclass

@@ -167,18 +167,22 @@ class ShapeWorldSource:
     synthetic = True  # rendered at the training size: no size / aspect filtering
 
     def __init__(self, task: str, size: int, seed: int, turns: int = 1,
-                 qtype_weights: dict[str, float] | None = None):
-        from ..data.shapeworld import ShapeWorld
+                 qtype_weights: dict[str, float] | None = None,
+                 kind_weights: dict[str, float] | None = None,
+                 style_weights: dict[str, float] | None = None):
+        from ..data.shapeworld import DEFAULT_KIND_WEIGHTS, ShapeWorld
 
         self.task, self.turns, self.qtype_weights = task, turns, qtype_weights or None
-        self.world = ShapeWorld(size=size, seed=seed)
+        self.style_weights = style_weights or None
+        self.world = ShapeWorld(size=size, seed=seed,
+                                kind_weights=kind_weights or dict(DEFAULT_KIND_WEIGHTS))
 
     def num_items(self) -> int | None:
         return None  # endless
 
     def item(self, i: int) -> dict:
         if self.task == "t2i":
-            it = self.world.t2i_item(i)
+            it = self.world.t2i_item(i, self.style_weights)
             return {"image": it["image"], "caption": it["caption"]}
         if self.task == "i2t":
             it = self.world.vqa_item(i, self.qtype_weights, turns=self.turns)
@@ -352,7 +356,8 @@ class TextSource(JsonlSource):
 
 def build_source(sc: SourceConfig, image_size: int, run_seed: int):
     if sc.kind == "shapeworld":
-        return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns, sc.qtype_weights)
+        return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns, sc.qtype_weights,
+                                sc.kind_weights, sc.style_weights)
     cls = {"jsonl": JsonlSource, "llava": LlavaSource, "webdataset": WebDatasetSource,
            "text": TextSource}[sc.kind]
     return cls(sc.path, sc.image_root)

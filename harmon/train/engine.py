@@ -46,6 +46,7 @@ from ..data.shapeworld import SHORT_ANSWER_PROMPT
 from ..generate import sample_tokens, to_uint8
 from ..models.harmon import HarmonModel
 from ..rng import TorchDraws
+from ..tokenizer import pad_ids
 from .config import TASKS, TrainConfig, dump_toml
 from .data import IMAGE_TOKEN_ID, MicroBatches, RankSampler, identity, mix_seed
 from .optim import build_optimizer, lr_factor, set_lr, set_trainable
@@ -537,12 +538,7 @@ class Trainer:
         tok, dev, S = self.tokenizer, self.dist.device, self.cfg.data.image_size
         rows = [tok.generation_ids(p, self.cfg.data.max_prompt_tokens) for p in prompts]
         rows += [tok.unconditional_ids()] * len(rows)
-        L = max(len(r) for r in rows)
-        ids = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), L, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_ids(rows, tok.pad_id)
         grid = self.model.grid_for(S)
         draws = TorchDraws(torch.Generator(dev).manual_seed(seed))
         with self._inference():
