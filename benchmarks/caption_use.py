@@ -9,6 +9,8 @@ the true caption and with
 - ``colours swapped``: each object given the other's colour (the same words, bound wrongly);
 - ``shape``: the first object's shape replaced by one not in the scene;
 - ``colour``: the first object's colour replaced by one not in the scene;
+- ``region``: in the detailed caption ("a white diamond at the top right and a green circle at
+  the bottom right on a ... background"), one object's place mirrored through the centre;
 - ``no caption``: the unconditional prompt the generator learned with caption dropout.
 
 The same tokens, masks, timesteps and noise for every caption of a scene, so each scene gives a
@@ -33,26 +35,28 @@ import torch
 
 from harmon import Harmon
 from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPE_NAMES
-from harmon.data.shapeworld import ShapeWorld, noun_phrase
+from harmon.data.shapeworld import _REGIONS, ShapeWorld, noun_phrase
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from context_use import object_cells_of, prompt_ids, scored_losses  # noqa: E402
 
 VISIBLE = (0.0, 0.5)  # fraction of the tokens the generator sees (never a scored one)
-TESTS = ("relation", "colours swapped", "shape", "colour", "no caption")
+TESTS = ("relation", "colours swapped", "shape", "colour", "region", "no caption")
+PLACE_PHRASE = dict(_REGIONS)  # "top left" -> "at the top left", as the detailed caption says it
 
 
 def related_pairs(n: int, size: int, seed: int = 7) -> list:
     """The first ``n`` scenes of a ShapeWorld (``seed``) that hold two objects of different
-    colours in a clear relation."""
+    colours in a clear relation, not both in the centre cell."""
     world = ShapeWorld(size=size, seed=seed)
     out, i = [], 0
     while len(out) < n:
         s = world.sample(i)
         i += 1
         if len(s.objects) == 2 and s.relation is not None \
-                and s.objects[0].color != s.objects[1].color:
+                and s.objects[0].color != s.objects[1].color \
+                and any(o.region != "center" for o in s.objects):
             out.append(s)
     return out
 
@@ -71,10 +75,19 @@ def captions(scene) -> dict[str, tuple[str | None, str | None]]:
     def coloured(ca: str, cb: str, sa: str = a.shape) -> str:
         return f"{noun_phrase(sa, ca)} and {noun_phrase(b.shape, cb)}"
 
+    o = a if a.region != "center" else b
+    words = " ".join(w for w in (o.size_word, o.color, o.shape) if w)
+    mirror = " ".join({"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+                      .get(w, w) for w in o.region.split())
+    detailed = scene.captions["detailed"]
+    moved = detailed.replace(f"{words} {PLACE_PHRASE[o.region]}",
+                             f"{words} {PLACE_PHRASE[mirror]}", 1)
+
     return {"relation": (placed(a.shape, rel), placed(a.shape, OPPOSITE_RELATION[rel])),
             "colours swapped": (coloured(a.color, b.color), coloured(b.color, a.color)),
             "shape": (placed(a.shape, rel), placed(shape, rel)),
             "colour": (coloured(a.color, b.color), coloured(colour, b.color)),
+            "region": (detailed, moved),
             "no caption": (coloured(a.color, b.color), None)}
 
 

@@ -689,6 +689,11 @@ def test_caption_use_changes_one_thing_and_pairs_the_draws():
         assert other != true and a.shape not in other.split()[:2] and b.shape in other
         true, other = caps["colour"]
         assert a.color not in other and b.color in other
+        true, moved = caps["region"]
+        assert true == s.captions["detailed"] and len(true.split()) == len(moved.split())
+        changed = {(x, y) for x, y in zip(true.split(), moved.split()) if x != y}
+        assert changed and changed <= {("left", "right"), ("right", "left"), ("top", "bottom"),
+                                       ("bottom", "top")}
         assert caps["no caption"][1] is None
     from harmon import Harmon
 
