@@ -19,6 +19,12 @@ table gives both losses and the share of scenes whose true caption scores better
 word is ignored). With nothing of the image visible the words decide everything; with half of
 it visible, where the objects are is partly given.
 
+Then where the words get lost: linear probes on what the LLM hands the generator (its outputs
+at the buffer positions, before the connector, nothing of the image visible) for the judge's
+position prompts ("a circle to the left of a square", every shape pair and relation), trained on
+70% of them and scored on the rest: the relation word, each shape, and their binding (which
+shape goes on the left or on top).
+
     python benchmarks/caption_use.py                           # the shipped model
     python benchmarks/caption_use.py --checkpoint runs/shapeworld_model_stage2/final
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -130,6 +137,62 @@ def caption_table(model: Harmon, n_scenes: int = 48, repeats: int = 4, seed: int
     return rows
 
 
+@torch.no_grad()
+def buffer_features(model: Harmon, texts: list[str], batch: int = 64) -> torch.Tensor:
+    """(len(texts), buffers x H): the LLM's outputs at the buffer positions for each prompt,
+    nothing of the image visible (the first sampling step), standardised per feature."""
+    m = model.model.eval()
+    seen = {}
+    hook = m.proj_out.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
+    feats = []
+    try:
+        grid = (m.cfg.mar.seq_h, m.cfg.mar.seq_h)
+        for k in range(0, len(texts), batch):
+            part = texts[k:k + batch]
+            ids, attn = prompt_ids(model, part)
+            z = torch.zeros(len(part), grid[0] * grid[1], m.cfg.mar.token_dim,
+                            device=model.device, dtype=m.dtype)
+            m.t2i_condition(z, torch.ones(z.shape[:2], device=model.device, dtype=m.dtype), grid,
+                            m.embed_text(ids), attn)
+            # the connector's input is in MAR order, buffers first (nothing else is visible)
+            feats.append(seen["x"][:, :m.num_buffers].flatten(1).float().cpu())
+    finally:
+        hook.remove()
+    x = torch.cat(feats)
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: float = 0.7, steps: int = 300) -> float:
+    """Held-out accuracy of a linear softmax probe (Adam, light L2) trained on the first
+    ``train`` share of the rows (x (n, d), labels y (n,))."""
+    cut = int(train * len(y))
+    w = torch.zeros(x.shape[1], int(y.max()) + 1, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x[:cut] @ w, y[:cut]) + 1e-3 * w.pow(2).sum()
+            loss.backward()
+            opt.step()
+    return float(((x[cut:] @ w).argmax(1) == y[cut:]).float().mean())
+
+
+def binding_probe(model: Harmon, seed: int = 0) -> list[dict]:
+    """Probe rows (what, held-out accuracy, chance) over every "a X <relation> a Y" prompt."""
+    rels = list(RELATIONS)
+    items = [(a, r, b) for a in SHAPE_NAMES for b in SHAPE_NAMES if a != b for r in rels]
+    random.Random(seed).shuffle(items)
+    x = buffer_features(model, [f"{noun_phrase(a)} {RELATIONS[r]} {noun_phrase(b)}"
+                                for a, r, b in items])
+    targets = {"relation": [rels.index(r) for _, r, _ in items],
+               "first shape": [SHAPE_NAMES.index(a) for a, _, _ in items],
+               "second shape": [SHAPE_NAMES.index(b) for _, _, b in items],
+               "shape on the left or top": [SHAPE_NAMES.index(a if r in ("left of", "above") else b)
+                                            for a, r, b in items]}
+    return [{"what": k, "prompts": len(items), "accuracy": probe_accuracy(x, torch.tensor(v)),
+             "chance": 1 / len(set(v))} for k, v in targets.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the shipped one)")
@@ -145,9 +208,16 @@ def main() -> None:
     for r in rows:
         print(f"{r['test']:>16} {r['visible']:>8.0%} {r['loss_true']:>8.4f} "
               f"{r['loss_changed']:>8.4f} {r['true_better']:>12.2f}")
+    probes = binding_probe(model)
+    print(f"linear probes on the LLM's buffer outputs, {probes[0]['prompts']} position prompts "
+          "(held out: 30%)")
+    print(f"{'what':>26} {'accuracy':>9} {'chance':>7}")
+    for r in probes:
+        print(f"{r['what']:>26} {r['accuracy']:>9.3f} {r['chance']:>7.3f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"model": model.name, "provenance": model.provenance,
-                                           "scenes": args.scenes, "rows": rows}, indent=1))
+                                           "scenes": args.scenes, "rows": rows,
+                                           "binding_probe": probes}, indent=1))
 
 
 if __name__ == "__main__":

@@ -714,6 +714,22 @@ def test_caption_use_changes_one_thing_and_pairs_the_draws():
     assert all(r["loss_true"] == r["loss_changed"] and r["true_better"] == 0.0 for r in same)
 
 
+def test_caption_use_probes_read_what_is_linear_and_only_that():
+    """caption_use's linear probe scores a linearly coded label near 1 and a random one near
+    chance on held-out rows; on the shipped model the relation word is readable from what the
+    LLM hands the generator, the binding of shape to place is not (the card's finding)."""
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "caption_use.py"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 24, generator=g)
+    assert mod["probe_accuracy"](x, (x[:, 3] > 0).long()) > 0.9
+    assert mod["probe_accuracy"](x, torch.randint(0, 4, (300,), generator=g)) < 0.45
+    from harmon import Harmon
+
+    rows = {r["what"]: r for r in mod["binding_probe"](Harmon.from_pretrained())}
+    assert rows["relation"]["accuracy"] > 0.9 and rows["second shape"]["accuracy"] > 0.9
+    assert rows["shape on the left or top"]["accuracy"] < 0.4
+
+
 def test_failure_modes_files_two_object_images_by_what_they_hold(tmp_path):
     """benchmarks/failure_modes.py: a missed shape is filed as copied / other / neither, a
     position image's relation as right / opposite / other axis; true scenes fail nothing."""
