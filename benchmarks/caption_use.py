@@ -43,6 +43,7 @@ import torch
 from harmon import Harmon
 from harmon.data.shapes import COLOR_NAMES, OPPOSITE_RELATION, RELATIONS, SHAPE_NAMES
 from harmon.data.shapeworld import _REGIONS, ShapeWorld, noun_phrase
+from harmon.train.vae import scene_pixels
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -104,8 +105,7 @@ def caption_table(model: Harmon, n_scenes: int = 48, repeats: int = 4, seed: int
     caption, and the share of scenes whose true caption has the lower loss."""
     m = model.model.eval()
     scenes = related_pairs(n_scenes, model.cfg.image_size)
-    pixels = torch.from_numpy(np.stack([s.render_array() for s in scenes])).permute(0, 3, 1, 2)
-    pixels = pixels.float().div(127.5).sub(1.0).to(model.device)
+    pixels = scene_pixels(scenes).to(model.device)
     tokens = m.encode_images(pixels.to(m.vae_dtype())).to(m.dtype)
     B, N, _ = tokens.shape
     grid = m.grid_for(pixels.shape[-2], pixels.shape[-1])

@@ -128,10 +128,12 @@ def scored_losses(m, context: torch.Tensor, target: torch.Tensor, masked: torch.
     seeds for every call, so every caller's columns see the same timesteps and noise."""
     B, N, C = target.shape
     z = m.t2i_condition(context, masked, grid, embeds, attn)
-    return {key: float(np.mean([float(m.mar.diffloss(
-        target.reshape(B * N, C), z.reshape(B * N, -1), w.reshape(B * N),
-        TorchDraws(torch.Generator(target.device).manual_seed(r)))) for r in range(repeats)]))
-        for key, w in weights.items()}
+    # the head's loss of every token once per seed, then weighed each way
+    rows = [m.mar.diffloss(target.reshape(B * N, C), z.reshape(B * N, -1),
+                           draws=TorchDraws(torch.Generator(target.device).manual_seed(r)),
+                           per_row=True) for r in range(repeats)]
+    return {key: float(np.mean([float((loss * w.reshape(B * N)).sum() / w.sum())
+                                for loss in rows])) for key, w in weights.items()}
 
 
 #: Std of the Gaussian noise on the visible tokens in :func:`noisy_context_table`, in units of the

@@ -272,8 +272,10 @@ class DiffLoss(nn.Module):
         self.x0_clip = cfg.x0_clip  # sampling only (see MARConfig.x0_clip)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None,
-                draws=None) -> torch.Tensor:
+                draws=None, per_row: bool = False) -> torch.Tensor:
         """Scalar loss. target: (n, C) clean tokens; z: (n, D); mask: (n,) weights (1 = counts) or None.
+        With ``per_row`` the (n,) unweighted losses instead (mask ignored), for measures that
+        weigh the same draws several ways.
 
         Draws t = randint(1000, (n,)) then noise = randn_like(target), in that order.
         """
@@ -282,6 +284,8 @@ class DiffLoss(nn.Module):
         t = draws.randint(self.train_diffusion.num_timesteps, (target.shape[0],), device=target.device)
         noise = draws.randn_like(target)
         loss = self.train_diffusion.training_losses(self.net, target, t, z, noise)["loss"]
+        if per_row:
+            return loss
         if mask is None:
             return loss.mean()
         return (loss * mask).sum() / mask.sum()

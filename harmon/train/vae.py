@@ -73,8 +73,12 @@ class VAETrainConfig:
 
 def shapeworld_batch(world, start: int, batch: int) -> torch.Tensor:
     """Images ``start .. start+batch-1`` of a ShapeWorld as (B, 3, S, S) in [-1, 1]."""
-    arr = np.stack([np.asarray(world.sample(start + i).render(), dtype=np.float32)
-                    for i in range(batch)])
+    return scene_pixels([world.sample(start + i) for i in range(batch)])
+
+
+def scene_pixels(scenes) -> torch.Tensor:
+    """ShapeWorld scenes rendered as (B, 3, S, S) in [-1, 1]."""
+    arr = np.stack([s.render_array().astype(np.float32) for s in scenes])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
