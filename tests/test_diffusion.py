@@ -107,6 +107,15 @@ def test_training_losses(case03, diffloss):
     assert_close(terms["mse"], case03["out.mse_per_token"], "mse_per_token")
 
 
+def test_per_row_losses_are_the_fixture_tokens_losses(case03, diffloss):
+    """per_row returns the (n,) losses of the same draws, which the masked mean weighs."""
+    rows = diffloss(case03["in.target"], case03["in.z"], draws=case03.draws(), per_row=True)
+    assert_close(rows, case03["out.loss_per_token"], "loss_per_token", rtol=1e-3)
+    mask = case03["in.loss_mask"]
+    masked = diffloss(case03["in.target"], case03["in.z"], mask, case03.draws())
+    assert torch.equal((rows * mask).sum() / mask.sum(), masked)
+
+
 def test_vb_trains_only_variance_channels():
     """The VLB sees eps detached: its gradient reaches channels 16..31 only, the MSE's 0..15 only."""
     diffusion = create_diffusion(None)
