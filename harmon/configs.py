@@ -122,6 +122,11 @@ class MARConfig:
     # training: spread of that truncated normal (its mean is 1, every token masked); a large
     # value makes the ratio nearly uniform on [mask_ratio_min, 1]
     mask_ratio_std: float = 0.25
+    # training: probability that a t2i batch masks every token (ratio 1) instead of drawing its
+    # ratio. Only with nothing visible does the caption alone decide where objects go (as at the
+    # first sampling steps); MAR's draws give that to about 5% of batches, too rarely for a small
+    # model to learn place and relation words (docs/shapeworld_log.md, stage X-O). 0 = MAR's draws
+    full_mask_prob: float = 0.0
     # training: weight added to the diffusion loss of a masked token per unit of its foreground
     # share (harmon.models.harmon.foreground_share); 0 = MAR's plain mean over masked tokens
     foreground_weight: float = 0.0
@@ -152,6 +157,8 @@ class MARConfig:
     local_conv: int = 0
 
     def __post_init__(self):
+        if not 0.0 <= self.full_mask_prob <= 1.0:
+            raise ValueError(f"mar.full_mask_prob must lie in [0, 1], got {self.full_mask_prob}")
         for name in ("encoder", "decoder"):
             dim, heads = getattr(self, f"{name}_embed_dim"), getattr(self, f"{name}_num_heads")
             if dim % heads:

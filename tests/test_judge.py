@@ -767,3 +767,46 @@ def test_failure_modes_files_two_object_images_by_what_they_hold(tmp_path):
     assert table["all"]["judged right"] == n and "missing shape" not in table["all"]
     assert table["position"]["both shapes drawn"] == table["position"]["relation right"] \
         == table["position"]["images"]
+
+
+def test_place_use_counts_objects_in_the_named_cell():
+    """benchmarks/place_use.py: every place is asked for equally often, in the detailed
+    caption's words; the judge puts rendered single objects in their own cell; a generator that
+    draws where it is told scores 1, one that always draws in the middle scores its chance."""
+    from PIL import Image, ImageDraw
+
+    from harmon.data.shapeworld import _REGIONS, ShapeWorld
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "place_use.py"))
+    items = mod["place_prompts"](2)
+    assert len(items) == 18 and [r for r, _, _ in items[::2]] == [r for r, _ in _REGIONS]
+    phrases = dict(_REGIONS)
+    assert all(phrases[r] in p and f"a {c} " in p for r, c, p in items)
+    world = ShapeWorld(size=64, seed=3, kind_weights={"single": 1})
+    scenes = [world.sample(i) for i in range(30)]
+    same = [mod["placed_cell"](s.render(), s.objects[0].color) == s.objects[0].region for s in scenes]
+    assert sum(same) >= 27
+
+    class Painter:
+        """Draws a red disc at the asked cell (or always in the middle)."""
+
+        def __init__(self, obey: bool):
+            self.obey = obey
+
+        def generate(self, prompts, seed=0):
+            out = []
+            for p in prompts:
+                region = next(r for r, phrase in sorted(_REGIONS, key=lambda x: -len(x[1]))
+                              if phrase in p) if self.obey else "center"
+                k = [r for r, _ in _REGIONS].index(region)
+                cx, cy = (k % 3 + 0.5) * 64 / 3, (k // 3 + 0.5) * 64 / 3
+                im = Image.new("RGB", (64, 64), (20, 20, 60))
+                ImageDraw.Draw(im).ellipse((cx - 7, cy - 7, cx + 7, cy + 7), fill=(230, 30, 30))
+                out.append(im)
+            return out
+
+    good = mod["measure"](Painter(True), per_place=2, seed=0)
+    assert good["share"] == 1.0 and good["in place"] == 18
+    deaf = mod["measure"](Painter(False), per_place=2, seed=0)
+    assert deaf["in place"] == 2 and deaf["share"] == pytest.approx(1 / 9)
+    assert deaf["chance"] == pytest.approx(1 / 9) and deaf["landed in"]["center"] == 18

@@ -399,3 +399,41 @@ def test_context_noise_perturbs_only_the_visible_tokens_in_training(tmp_path, mo
             assert (float(moved) > 1e-3) if train else (float(moved) == 0.0)
     with pytest.raises(ValueError, match="context_noise must lie in"):
         tiny_config(tmp_path, overrides=["model.context_noise=-0.1"])
+
+
+def test_full_mask_prob_masks_every_token_of_a_share_of_training_batches(tmp_path):
+    """model.full_mask_prob reaches the model and the run's source line; in training that share
+    of t2i batches masks every token (the caption alone decides the layout), the rest keep MAR's
+    drawn ratio; in eval mode, or with 0, the mask and the loss are MAR's exactly (no extra
+    draw)."""
+    from harmon.configs import MARConfig
+    from harmon.rng import TorchDraws
+    from harmon.train.weights import build_model
+    from train_helpers import tiny_config
+
+    model, _, source = build_model(tiny_config(tmp_path, overrides=[
+        "model.full_mask_prob=0.5", "model.dropout=0"]).model)
+    assert model.cfg.mar.full_mask_prob == 0.5 and "every token masked in 0.5 of t2i" in source
+    size = model.cfg.image_size
+    pixels = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    ids, am = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+
+    def run(p: float, train: bool, seed: int = 0):
+        model.cfg.mar.full_mask_prob = p
+        model.train(train)
+        with torch.no_grad():
+            return model.t2i_loss(pixels, ids, am, TorchDraws(torch.Generator().manual_seed(seed)))
+
+    n = pixels.shape[0] * model.grid_for(size)[0] * model.grid_for(size)[1]
+    assert all(int(run(1.0, True, s)["mask"].sum()) == n for s in range(5))
+    full = [int(run(0.5, True, s)["mask"].sum()) == n for s in range(40)]
+    mar = [int(run(0.0, True, s)["mask"].sum()) == n for s in range(40)]
+    assert 8 <= sum(full) - sum(mar) <= 32  # about half of the batches, beyond MAR's own
+    base = run(0.0, True)
+    for p, train in ((0.0, True), (1.0, False)):
+        again = run(p, train)
+        assert torch.equal(again["mask"], base["mask"]) and torch.equal(again["loss"], base["loss"])
+    with pytest.raises(ValueError, match="full_mask_prob must lie in"):
+        tiny_config(tmp_path, overrides=["model.full_mask_prob=1.5"])
+    with pytest.raises(ValueError, match="full_mask_prob must lie in"):
+        MARConfig(full_mask_prob=-0.1)

@@ -237,7 +237,8 @@ class HarmonModel(nn.Module):
                  attention_mask: torch.Tensor, draws) -> dict[str, torch.Tensor]:
         """Masked diffusion loss (training.md §1.1).
 
-        Draw order: one permutation per row, then the mask ratio, then (in training, with
+        Draw order: one permutation per row, then the mask ratio (in training, with
+        ``mar.full_mask_prob``, one more draw: whether every token is masked), then (in training, with
         ``mar.context_noise``) the visible tokens' noise levels and noise, then the head's
         timesteps and noise. Returns ``loss`` plus the ``mask`` (B, N) and the conditions ``z``
         (B, N, D).
@@ -248,6 +249,10 @@ class HarmonModel(nn.Module):
         B, N, C = target.shape
         orders = torch.stack([draws.permutation(N, device=target.device) for _ in range(B)])
         ratio = draws.truncnorm(self.cfg.mar.mask_ratio_min, 1.0, 1.0, self.cfg.mar.mask_ratio_std)
+        if self.training and self.cfg.mar.full_mask_prob:
+            # drawn only when asked for, so MAR's draw stream is unchanged otherwise
+            if int(draws.randint(1_000_000, (1,))) < 1_000_000 * self.cfg.mar.full_mask_prob:
+                ratio = 1.0
         num_masked = min(N, int(math.ceil(N * ratio)))
         mask = torch.zeros(B, N, device=target.device, dtype=target.dtype)
         mask.scatter_(1, orders[:, :num_masked], 1.0)

@@ -53,6 +53,9 @@ class ModelConfig:
     # late sampling steps, which see most of the image, are rare in MAR's draws; a large spread
     # (e.g. 10: nearly uniform on [mask_ratio_min, 1]) trains them as often as the early ones
     mask_ratio_std: float | None = None
+    # probability that a t2i micro-batch masks every token (see MARConfig.full_mask_prob); None =
+    # the model's (0: MAR's draws only)
+    full_mask_prob: float | None = None
     # extra t2i loss weight of a token per unit of its foreground share (the share of its pixels
     # off the image's median colour); None = the model's (0: MAR's plain mean). On a flat
     # background most tokens are background texture, whose noise dominates the mean loss; a
@@ -86,6 +89,8 @@ class ModelConfig:
             raise ValueError(f"model.mask_ratio_min must lie in [0, 1], got {self.mask_ratio_min}")
         if self.mask_ratio_std is not None and not self.mask_ratio_std > 0.0:
             raise ValueError(f"model.mask_ratio_std must be > 0, got {self.mask_ratio_std}")
+        if self.full_mask_prob is not None and not 0.0 <= self.full_mask_prob <= 1.0:
+            raise ValueError(f"model.full_mask_prob must lie in [0, 1], got {self.full_mask_prob}")
         if self.context_noise is not None and not 0.0 <= self.context_noise <= 10.0:
             raise ValueError(f"model.context_noise must lie in [0, 10], got {self.context_noise}")
         if self.foreground_weight is not None and not 0.0 <= self.foreground_weight <= 100.0:

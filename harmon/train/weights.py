@@ -139,6 +139,9 @@ def build_model(mc: ModelConfig) -> tuple[HarmonModel, HarmonTokenizer, str]:
     if mc.mask_ratio_std is not None:
         model.cfg.mar.mask_ratio_std = mc.mask_ratio_std
         source += f", mask ratio spread {mc.mask_ratio_std:g}"
+    if mc.full_mask_prob is not None:
+        model.cfg.mar.full_mask_prob = mc.full_mask_prob
+        source += f", every token masked in {mc.full_mask_prob:g} of t2i batches"
     if mc.foreground_weight is not None:
         model.cfg.mar.foreground_weight = mc.foreground_weight
         source += f", foreground loss weight +{mc.foreground_weight:g}"
