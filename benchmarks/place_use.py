@@ -88,7 +88,8 @@ def measure(model: Harmon, per_place: int, seed: int, batch: int = 16) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="model folder (default: the shipped model)")
     ap.add_argument("--per-place", type=int, default=8, help="images per named place (9 places)")
     ap.add_argument("--seed", type=int, default=0)

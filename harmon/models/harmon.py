@@ -238,10 +238,10 @@ class HarmonModel(nn.Module):
         """Masked diffusion loss (training.md §1.1).
 
         Draw order: one permutation per row, then the mask ratio (in training, with
-        ``mar.full_mask_prob``, one more draw: whether every token is masked), then (in training, with
-        ``mar.context_noise``) the visible tokens' noise levels and noise, then the head's
-        timesteps and noise. Returns ``loss`` plus the ``mask`` (B, N) and the conditions ``z``
-        (B, N, D).
+        ``mar.full_mask_prob``, one more draw: whether every token is masked), then (in
+        training, with ``mar.context_noise``) the visible tokens' noise levels and noise, then
+        the head's timesteps and noise. Returns ``loss`` plus the ``mask`` (B, N) and the
+        conditions ``z`` (B, N, D).
         """
         grid = self.grid_for(pixel_values.shape[-2], pixel_values.shape[-1])
         with torch.no_grad():
