@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harmon import Harmon
 from harmon.data.shapes import BACKGROUNDS, COLOR_NAMES, SHAPE_NAMES
-from harmon.data.shapeworld import _REGIONS
+from harmon.data.shapeworld import _REGIONS, region_of
 from harmon.eval.judge import detect
 
 HERE = Path(__file__).resolve().parent
@@ -44,12 +44,6 @@ def place_prompts(per_place: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def cell_of(x: float, y: float) -> str:
-    """The region name of a normalised point (the rows and columns of ``ShapeObject.region``)."""
-    col, row = min(int(x * 3), 2), min(int(y * 3), 2)
-    return _REGIONS[row * 3 + col][0]
-
-
 def placed_cell(image, colour: str) -> str | None:
     """The cell of the object of ``colour`` in ``image`` (else of the largest object), or None
     when the judge finds no object."""
@@ -58,7 +52,7 @@ def placed_cell(image, colour: str) -> str | None:
         return None
     same = [d for d in found if d.color == colour]
     obj = max(same or found, key=lambda d: d.area)
-    return cell_of(*obj.center)
+    return region_of(*obj.center)
 
 
 def measure(model: Harmon, per_place: int, seed: int, batch: int = 16) -> dict:

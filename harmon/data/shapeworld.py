@@ -90,6 +90,12 @@ _REGIONS = (("top left", "at the top left"), ("top", "at the top"), ("top right"
             ("bottom right", "at the bottom right"))
 
 
+def region_of(x: float, y: float) -> str:
+    """Name of the cell of a 3 x 3 grid holding the normalised point (x, y): 'top left', ..."""
+    col, row = min(int(x * 3), 2), min(int(y * 3), 2)
+    return _REGIONS[row * 3 + col][0]
+
+
 def _check_weights(weights: Mapping[str, float], allowed: Sequence[str], what: str) -> dict[str, float]:
     unknown = sorted(set(weights) - set(allowed))
     if unknown:
@@ -301,9 +307,7 @@ class ShapeObject:
     @property
     def region(self) -> str:
         """Cell of a 3 x 3 grid holding the centre: 'top left', 'center', 'bottom', ..."""
-        col = min(int(self.x * 3), 2)
-        row = min(int(self.y * 3), 2)
-        return _REGIONS[row * 3 + col][0]
+        return region_of(self.x, self.y)
 
     @property
     def size_word(self) -> str:
