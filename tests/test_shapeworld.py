@@ -20,7 +20,7 @@ from PIL import Image
 from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec,
                          ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 from harmon.data.export import add_export_command
-from harmon.data.shapes import RELATIONS, circumradius, clear_relation
+from harmon.data.shapes import RELATIONS, article, circumradius, clear_relation
 from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject
 
 
@@ -261,6 +261,38 @@ def test_bad_world_arguments():
         ShapeWorld().sample(-1)
     with pytest.raises(ValueError, match="rank"):
         ShapeWorldT2I(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="pair_order must be true or false"):
+        ShapeWorld(pair_order="yes")
+
+
+def test_pair_order_names_the_left_or_upper_object_first():
+    """With pair_order every pair is clearly related and listed along the relation's axis, so the
+    short caption names the left (or upper) object first; the position caption stays true; the
+    other kinds and the default world's scenes are untouched."""
+    ordered = ShapeWorld(size=64, seed=5, pair_order=True)
+    default = ShapeWorld(size=64, seed=5)
+    axes, shown = Counter(), Counter()
+    for i in range(300):
+        s, d = ordered.sample(i), default.sample(i)
+        if s.kind != "pair":
+            assert s.to_dict() == d.to_dict()
+            continue
+        first, second = s.objects
+        rel = clear_relation(first.bbox, second.bbox)
+        assert rel in ("left of", "above"), (i, rel)
+        axes[rel] += 1
+        assert s.caption("short").startswith(f"{article(first.color)} {first.name} and ")
+        assert s.caption("plain").startswith(f"{article(first.shape)} {first.shape} and ")
+        i_, named, j_ = s.relation
+        assert clear_relation(s.objects[i_].bbox, s.objects[j_].bbox) == named
+        shown[named] += 1
+    assert min(axes.values()) > 30 and set(shown) == set(RELATIONS)  # both axes, all four captions
+    unordered = [default.sample(i) for i in range(300)]
+    pairs = [s for s in unordered if s.kind == "pair"]
+    # without it, a pair's first-named object is on the right or below about as often as not
+    late = sum(clear_relation(s.objects[0].bbox, s.objects[1].bbox) in ("right of", "below")
+               for s in pairs)
+    assert 0.2 < late / len(pairs) < 0.6
 
 
 # ----------------------------------------------------------------------------------------------------

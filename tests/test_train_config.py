@@ -286,6 +286,29 @@ def test_kind_and_style_weights_shape_the_shapeworld_caption_stream(tmp_path):
         load_config(f, ["data.sources.0.style_weights={short = 0}"])
 
 
+def test_pair_order_reaches_the_shapeworld_source(tmp_path):
+    """data.sources.N.pair_order builds an ordered world (its pairs' short captions name the left or
+    upper object first); it is refused where it cannot apply."""
+    from harmon.data.shapes import clear_relation
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text())
+    cfg = load_config(f, ["data.sources.0.pair_order=true", "data.sources.0.kind_weights={pair = 1}"])
+    sc = cfg.data.sources[0]
+    assert sc.pair_order is True and load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg
+    world = build_source(sc, 64, 0).world
+    assert world.pair_order
+    assert all(clear_relation(s.objects[0].bbox, s.objects[1].bbox) in ("left of", "above")
+               for s in map(world.sample, range(40)))
+    assert not build_source(load_config(f).data.sources[0], 64, 0).world.pair_order
+    with pytest.raises(ValueError, match="pair_order: expected true or false, got 'yes'"):
+        load_config(f, ['data.sources.0.pair_order="yes"'])
+    with pytest.raises(ValueError, match="pair_order applies to shapeworld sources only"):
+        load_config(f, ['data.sources.0.kind="jsonl"', 'data.sources.0.path="x.jsonl"',
+                        "data.sources.0.pair_order=true"])
+
+
 def test_mask_ratio_std_override_spreads_the_t2i_masks(tmp_path):
     """model.mask_ratio_std widens MAR's truncated normal (mean 1): with a large spread the
     training masks hide about half the tokens on average instead of about four fifths."""

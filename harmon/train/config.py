@@ -117,6 +117,9 @@ class SourceConfig:
     # e.g. { short = 1, position_plain = 1 } (unset = DEFAULT_STYLE_WEIGHTS): the t2i mix knobs
     kind_weights: dict[str, float] = field(default_factory=dict)
     style_weights: dict[str, float] = field(default_factory=dict)
+    # shapeworld: lay out every pair in a clear relation, the left or upper object named first
+    # (harmon.data.shapeworld.ShapeWorld.pair_order): a curriculum knob
+    pair_order: bool = False
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -143,6 +146,11 @@ class SourceConfig:
                                  f"{self.task} source")
             setattr(self, key, sw._check_weights(getattr(self, key), list(allowed),
                                                  f"{what} in {key}"))
+        if not isinstance(self.pair_order, bool):
+            raise ValueError(f"pair_order must be true or false, got {self.pair_order!r}")
+        if self.pair_order and self.kind != "shapeworld":
+            raise ValueError(f"pair_order applies to shapeworld sources only, not to a "
+                             f"{self.kind} source")
 
 
 @dataclass
