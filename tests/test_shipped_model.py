@@ -9,7 +9,7 @@ import torch
 
 from harmon import Harmon
 from harmon.data import ShapeWorld
-from harmon.data.shapes import COLORS, article
+from harmon.data.shapes import article
 from harmon.eval.judge import detect
 from harmon.eval.prompts import eval_prompts, reference_images
 from harmon.eval.vqa import build_vqa_eval_set, evaluate_vqa
@@ -66,25 +66,11 @@ def test_generated_images_take_the_asked_colour(shipped):
     assert hit >= 0.35 and hit >= 1.5 * other, (hit, other)
 
 
-def _colour_centre(image, colour: str):
-    """(x, y) centre of the pixels nearest to the palette's ``colour`` (among the palette and the
-    image's border colour), or None when fewer than 12 are."""
-    x = np.asarray(image, np.float32)
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    names = list(COLORS)
-    palette = np.stack([np.asarray(COLORS[c], np.float32) for c in names] + [np.median(border, 0)])
-    near = np.linalg.norm(x[:, :, None] - palette, axis=-1).argmin(-1) == names.index(colour)
-    if near.sum() < 12:
-        return None
-    ys, xs = np.nonzero(near)
-    return xs.mean(), ys.mean()
-
-
 def test_a_pair_s_first_named_object_is_drawn_on_the_left_or_on_top(shipped):
     # Its last stages trained on pairs named in reading order (ShapeWorld.pair_order), so which
     # object goes where follows from the names; each pair is asked in both orders. Measured on
-    # these 48 draws: 25 of the 27 images holding both colours; X-C2, the release before that
-    # training, 13 of 22.
+    # these 48 draws: 20 of the 21 images in which the judge finds both colours; X-C2, the
+    # release before that training, 7 of 11.
     pairs = [("red", "circle", "blue", "square"), ("yellow", "triangle", "purple", "star"),
              ("white", "diamond", "orange", "semicircle"), ("green", "square", "red", "triangle"),
              ("blue", "star", "yellow", "circle"), ("purple", "triangle", "white", "square"),
@@ -95,10 +81,12 @@ def test_a_pair_s_first_named_object_is_drawn_on_the_left_or_on_top(shipped):
     first = both = 0
     for seed in range(3):
         for ((c1, _), (c2, _)), image in zip(named, shipped.generate(prompts, seed=seed)):
-            a, b = _colour_centre(image, c1), _colour_centre(image, c2)
-            if a is None or b is None:
+            found = detect(image)
+            a = [d for d in found if d.color == c1]
+            b = [d for d in found if d.color == c2]
+            if not a or not b:
                 continue
-            (ax, ay), (bx, by) = a, b
+            (ax, ay), (bx, by) = (max(g, key=lambda d: d.area).center for g in (a, b))
             both += 1
             first += (bx > ax) if abs(bx - ax) >= abs(by - ay) else (by > ay)
     assert both >= 15 and first >= 0.8 * both, (first, both)
