@@ -576,6 +576,26 @@ def test_understanding_use_measures():
         assert layers[0][0] > 0.5  # the first layer reads the image
 
 
+def test_question_wording_sets_keep_each_answer():
+    """benchmarks/question_wording.py: every other wording of an evaluation question keeps its
+    answer and type; the open questions go to single-object scenes only, answered by their object."""
+    from harmon.data.shapeworld import question_wordings
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks"
+                             / "question_wording.py"))
+    sets = mod["worded_sets"](30, 64, 0)
+    by_id = {it.id: it for it in sets["trained"]}
+    assert len(sets["other"]) >= 2 * len(sets["trained"])
+    for it in sets["other"]:
+        src = by_id[it.id.rsplit("-w", 1)[0]]
+        assert (it.answer, it.qtype, it.split, it.scene) == (src.answer, src.qtype, src.split, src.scene)
+        assert it.question in question_wordings(src.question)
+    assert sets["open"] and all(len(it.scene.objects) == 1 for it in sets["open"])
+    for it in sets["open"]:
+        o = it.scene.objects[0]
+        assert it.answer == (o.shape if it.qtype == "shape" else o.color)
+
+
 def test_shape_probe_measures():
     """benchmarks/shape_probe.py: labels name the scene's shapes, the latent grid keeps the
     tokens' row-major order, and a probe learns a problem the features do answer."""

@@ -20,8 +20,8 @@ from PIL import Image
 from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec,
                          ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 from harmon.data.export import add_export_command
-from harmon.data.shapes import RELATIONS, article, circumradius, clear_relation
-from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject
+from harmon.data.shapes import RELATIONS, SHAPES, article, circumradius, clear_relation
+from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject, question_wordings
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +263,8 @@ def test_bad_world_arguments():
         ShapeWorldT2I(rank=2, world_size=2)
     with pytest.raises(ValueError, match="pair_order must be true or false"):
         ShapeWorld(pair_order="yes")
+    with pytest.raises(ValueError, match="paraphrase must be true or false"):
+        ShapeWorld(paraphrase=1)
 
 
 def test_pair_order_names_the_left_or_upper_object_first():
@@ -293,6 +295,66 @@ def test_pair_order_names_the_left_or_upper_object_first():
     late = sum(clear_relation(s.objects[0].bbox, s.objects[1].bbox) in ("right of", "below")
                for s in pairs)
     assert 0.2 < late / len(pairs) < 0.6
+
+
+CONTENT_WORDS = {*COLOR_NAMES, *SHAPE_NAMES, *SHAPES.values(), "left", "right", "above", "below"}
+
+
+def test_every_question_has_other_wordings_with_the_same_content():
+    """Each question a scene asks has at least two other wordings; each keeps the short-answer
+    instruction and the words that carry the answer's content (shape, colour, relation)."""
+    world = ShapeWorld(size=64, seed=3)
+    seen = Counter()
+    for i in range(60):
+        for q in world.sample(i).questions():
+            others = question_wordings(q.question)
+            assert len(others) >= 2 and q.question not in others, q.question
+            head, _, tail = q.question.partition("\n")
+            for o in others:
+                assert o.partition("\n")[2] == tail
+                content = set(re.findall(r"\w+", head)) & CONTENT_WORDS
+                assert content <= set(re.findall(r"\w+", o)), (q.question, o)
+            seen[q.qtype] += 1
+    assert set(seen) == {"pope", "count", "color", "shape", "position", "caption"}
+    assert question_wordings("What is the meaning of life?") == []
+    assert question_wordings("Is the red circle above the star?") == [
+        "Is the red circle above the star in the image?", "Is the red circle placed above the star?"]
+
+
+def test_paraphrase_rewords_questions_and_keeps_their_answers():
+    """With paraphrase, about half the questions come in another wording with the same answer; a
+    multi-object scene draws the same questions as without it; a single-object scene can be asked
+    "What shape is in the image?"."""
+    plain = ShapeWorld(size=64, seed=4)
+    worded = ShapeWorld(size=64, seed=4, paraphrase=True)
+    reworded = total = 0
+    open_questions = Counter()
+    for i in range(200):
+        scene = plain.sample(i)
+        conv_w, types_w = worded.conversation_for(i, turns=2)
+        if len(scene.objects) == 1:
+            for h, g in zip(conv_w[::2], conv_w[1::2]):
+                q = h["value"].removeprefix("<image>\n").partition("\n")[0]
+                if q == "What shape is in the image?":
+                    assert g["value"] == scene.objects[0].shape
+                    open_questions[q] += 1
+                elif q == "What color is the object?":
+                    assert g["value"] == scene.objects[0].color
+                    open_questions[q] += 1
+            continue
+        conv_p, types_p = plain.conversation_for(i, turns=2)
+        assert types_w == types_p
+        for hp, hw, gp, gw in zip(conv_p[::2], conv_w[::2], conv_p[1::2], conv_w[1::2]):
+            assert gw == gp
+            total += 1
+            if hw != hp:
+                reworded += 1
+                assert hw["value"].removeprefix("<image>\n") in question_wordings(
+                    hp["value"].removeprefix("<image>\n"))
+    assert 0.35 < reworded / total < 0.65
+    assert min(open_questions.values()) >= 3 and len(open_questions) == 2
+    # the scenes and captions are those of the plain world
+    assert worded.t2i_item(7)["caption"] == plain.t2i_item(7)["caption"]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -309,6 +309,23 @@ def test_pair_order_reaches_the_shapeworld_source(tmp_path):
                         "data.sources.0.pair_order=true"])
 
 
+def test_paraphrase_reaches_the_shapeworld_vqa_source(tmp_path):
+    """data.sources.N.paraphrase builds a world that rewords its questions; it is refused on a
+    t2i source, where there is no question to reword."""
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text())
+    cfg = load_config(f, ["data.sources.1.paraphrase=true"])
+    sc = cfg.data.sources[1]
+    assert sc.task == "i2t" and sc.paraphrase is True
+    assert load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg
+    assert build_source(sc, 64, 0).world.paraphrase
+    assert not build_source(load_config(f).data.sources[1], 64, 0).world.paraphrase
+    with pytest.raises(ValueError, match="paraphrase applies to shapeworld i2t sources only"):
+        load_config(f, ["data.sources.0.paraphrase=true"])
+
+
 def test_mask_ratio_std_override_spreads_the_t2i_masks(tmp_path):
     """model.mask_ratio_std widens MAR's truncated normal (mean 1): with a large spread the
     training masks hide about half the tokens on average instead of about four fifths."""

@@ -30,6 +30,7 @@ prompts built from them (:mod:`harmon.eval.prompts`) test compositional generali
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterator, Mapping, Sequence
@@ -77,6 +78,49 @@ DEFAULT_QTYPE_WEIGHTS: dict[str, float] = {"pope": 0.35, "count": 0.15, "color":
 
 #: LLaVA-1.5's instruction for short answers, appended to every non-caption question.
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
+
+#: Other wordings of the VQA stream's questions, used by a world with ``paraphrase`` on: the pattern
+#: of a question's first line (the short-answer instruction after it is kept) and templates filled
+#: with its groups. The first pattern that matches wins, so "objects" comes before any other noun.
+QUESTION_WORDINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (r"Is there (.+) in the image\?",
+     ("Is there {0} in the picture?", "Does the image contain {0}?", "Can you see {0}?",
+      "Is there {0} here?")),
+    (r"How many objects are there in the image\?",
+     ("How many shapes are there?", "How many shapes are in the image?",
+      "How many objects can you see?", "Count the objects.")),
+    (r"How many (\w+) are there in the image\?",
+     ("How many {0} are there?", "How many {0} can you see?", "How many {0} are in the picture?",
+      "Count the {0}.")),
+    (r"What color is the (\w+)\?",
+     ("What is the color of the {0}?", "Which color is the {0}?", "What colour is the {0}?",
+      "What color does the {0} have?")),
+    (r"What shape is the (\w+) object\?",
+     ("What is the shape of the {0} object?", "Which shape is {0}?", "What shape is {0}?",
+      "What is the {0} shape?")),
+    (r"Is the (.+?) (to the left of|to the right of|above|below) the (.+)\?",
+     ("Is the {0} {1} the {2} in the image?", "Is the {0} placed {1} the {2}?")),
+    (r"Describe the image briefly\.",
+     ("What is in the image?", "Briefly describe the image.", "Describe this picture briefly.")),
+    (r"Describe the image in detail\.",
+     ("Describe this image in detail.", "Give a detailed description of the image.")),
+)
+
+#: Probability that a world with ``paraphrase`` on asks a question in another wording: the stream's
+#: own wording stays the most frequent, so the evaluation questions keep their accuracy.
+PARAPHRASE_PROB = 0.5
+
+
+def question_wordings(question: str) -> list[str]:
+    """Other wordings of a ShapeWorld question (:data:`QUESTION_WORDINGS`), each with the same
+    answer; the short-answer instruction on its second line, if any, is kept. ``[]`` when the
+    question has no other wording."""
+    head, sep, tail = question.partition("\n")
+    for pattern, templates in QUESTION_WORDINGS:
+        m = re.fullmatch(pattern, head)
+        if m:
+            return [t.format(*m.groups()) + sep + tail for t in templates]
+    return []
 
 #: Object diameter range (fraction of the image side) by number of objects in the scene: large enough
 #: that every shape is classifiable at 64 px (>= ~13 px across), small enough that four fit.
@@ -594,6 +638,10 @@ class ShapeWorld:
             circle and a blue square" always has the circle on the left or on top. The position
             captions are unchanged in meaning. A curriculum knob: with it, which object goes where
             is a function of the caption, and a generator that sees nothing yet need not guess it.
+        paraphrase: in the VQA stream, ask half of the questions in another wording
+            (:func:`question_wordings`), and give single-object scenes the open questions "What
+            shape is in the image?" and "What color is the object?". A knob against answers that
+            hang on one phrasing; scenes and captions are unchanged.
     """
 
     size: int = 128
@@ -605,6 +653,7 @@ class ShapeWorld:
     color_jitter: int = 12
     relation_prob: float = 0.75
     pair_order: bool = False
+    paraphrase: bool = False
 
     def __post_init__(self):
         self.size = check_size(self.size)
@@ -615,6 +664,8 @@ class ShapeWorld:
             raise ValueError("textured_prob and relation_prob must lie in [0, 1]")
         if not isinstance(self.pair_order, bool):
             raise ValueError(f"pair_order must be true or false, got {self.pair_order!r}")
+        if not isinstance(self.paraphrase, bool):
+            raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
         if not 0 <= self.color_jitter <= 40:
             raise ValueError(f"color_jitter {self.color_jitter} must lie in 0..40 (larger jitter "
                              "would let neighbouring named colours overlap)")
@@ -743,7 +794,9 @@ class ShapeWorld:
         ``conversations`` is a LLaVA list alternating human/gpt turns, ``<image>`` in the first human
         turn. Each turn's question type is drawn from ``qtype_weights`` (default
         :data:`DEFAULT_QTYPE_WEIGHTS`) among the types the scene has (generator ``[seed, index, 2]``),
-        then one question of that type; turns do not repeat a question.
+        then one question of that type; turns do not repeat a question. With :attr:`paraphrase`,
+        the wording is drawn from generator ``[seed, index, 3]``, so the questions drawn stay those
+        of the plain stream except on single-object scenes, whose pool gains two open questions.
         """
         w = _check_weights(qtype_weights or DEFAULT_QTYPE_WEIGHTS, list(DEFAULT_QTYPE_WEIGHTS),
                            "question type")
@@ -752,6 +805,11 @@ class ShapeWorld:
         scene = scene if scene is not None else self.sample(index)
         rng = np.random.default_rng([self.seed, int(index), 2])
         pool = scene.questions()
+        if self.paraphrase and len(scene.objects) == 1:
+            o = scene.objects[0]
+            pool += [QA(_short("What shape is in the image?"), o.shape, "shape"),
+                     QA(_short("What color is the object?"), o.color, "color")]
+        wording_rng = np.random.default_rng([self.seed, int(index), 3])
         conv: list[dict[str, str]] = []
         qtypes: list[str] = []
         for t in range(turns):
@@ -764,7 +822,11 @@ class ShapeWorld:
             qt = _choice(rng, avail)
             q = by_type[qt][rng.integers(len(by_type[qt]))]
             pool = [p for p in pool if p is not q]
-            conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + q.question},
+            question = q.question
+            if self.paraphrase and wording_rng.random() < PARAPHRASE_PROB:
+                others = question_wordings(question)
+                question = others[wording_rng.integers(len(others))] if others else question
+            conv += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
                      {"from": "gpt", "value": q.answer}]
             qtypes.append(qt)
         return conv, qtypes

@@ -120,6 +120,9 @@ class SourceConfig:
     # shapeworld: lay out every pair in a clear relation, the left or upper object named first
     # (harmon.data.shapeworld.ShapeWorld.pair_order): a curriculum knob
     pair_order: bool = False
+    # shapeworld i2t: ask half of the questions in other wordings
+    # (harmon.data.shapeworld.ShapeWorld.paraphrase)
+    paraphrase: bool = False
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -151,6 +154,11 @@ class SourceConfig:
         if self.pair_order and self.kind != "shapeworld":
             raise ValueError(f"pair_order applies to shapeworld sources only, not to a "
                              f"{self.kind} source")
+        if not isinstance(self.paraphrase, bool):
+            raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
+        if self.paraphrase and (self.kind, self.task) != ("shapeworld", "i2t"):
+            raise ValueError(f"paraphrase applies to shapeworld i2t sources only (it rewords "
+                             f"questions), not to a {self.kind} {self.task} source")
 
 
 @dataclass

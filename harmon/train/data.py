@@ -169,14 +169,15 @@ class ShapeWorldSource:
     def __init__(self, task: str, size: int, seed: int, turns: int = 1,
                  qtype_weights: dict[str, float] | None = None,
                  kind_weights: dict[str, float] | None = None,
-                 style_weights: dict[str, float] | None = None, pair_order: bool = False):
+                 style_weights: dict[str, float] | None = None, pair_order: bool = False,
+                 paraphrase: bool = False):
         from ..data.shapeworld import DEFAULT_KIND_WEIGHTS, ShapeWorld
 
         self.task, self.turns, self.qtype_weights = task, turns, qtype_weights or None
         self.style_weights = style_weights or None
         self.world = ShapeWorld(size=size, seed=seed,
                                 kind_weights=kind_weights or dict(DEFAULT_KIND_WEIGHTS),
-                                pair_order=pair_order)
+                                pair_order=pair_order, paraphrase=paraphrase)
 
     def num_items(self) -> int | None:
         return None  # endless
@@ -358,7 +359,7 @@ class TextSource(JsonlSource):
 def build_source(sc: SourceConfig, image_size: int, run_seed: int):
     if sc.kind == "shapeworld":
         return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns, sc.qtype_weights,
-                                sc.kind_weights, sc.style_weights, sc.pair_order)
+                                sc.kind_weights, sc.style_weights, sc.pair_order, sc.paraphrase)
     cls = {"jsonl": JsonlSource, "llava": LlavaSource, "webdataset": WebDatasetSource,
            "text": TextSource}[sc.kind]
     return cls(sc.path, sc.image_root)

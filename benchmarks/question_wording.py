@@ -1,0 +1,82 @@
+"""Whether a model's answers hang on one phrasing: accuracy on the evaluation questions in the
+wording the training stream uses against every other wording of them
+(:func:`harmon.data.shapeworld.question_wordings`: "How many circles can you see?", "Does the image
+contain a red star?", ...), and on two open questions for single-object scenes that the plain
+stream never asks ("What shape is in the image?", "What color is the object?").
+
+The scenes are those of ``harmon eval model`` (held-out evaluation scenes); answers are greedy and
+scored as there (exact match; yes/no parsed for POPE).
+
+    python benchmarks/question_wording.py                      # the shipped model
+    python benchmarks/question_wording.py --checkpoint runs/shapeworld_model_stage4/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from harmon import Harmon
+from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, question_wordings
+from harmon.eval.vqa import VQAItem, build_vqa_eval_set, evaluate_vqa
+
+HERE = Path(__file__).resolve().parent
+OPEN_QUESTIONS = {"What shape is in the image?": ("shape", "shape"),
+                  "What color is the object?": ("color", "color")}
+
+
+def worded_sets(n_images: int, size: int, seed: int) -> dict[str, list[VQAItem]]:
+    """``{"trained": the evaluation items, "other": each item once per other wording, "open": the
+    open questions of the single-object scenes}``."""
+    items = build_vqa_eval_set(n_images, size=size, seed=seed)
+    other = [VQAItem(f"{it.id}-w{k}", it.scene, q, it.answer, it.qtype, it.split)
+             for it in items for k, q in enumerate(question_wordings(it.question))]
+    open_items, singles = [], {}
+    for it in items:
+        if len(it.scene.objects) == 1:
+            singles[it.id.split("-")[0]] = it.scene
+    for sid, scene in sorted(singles.items()):
+        for q, (attr, qtype) in OPEN_QUESTIONS.items():
+            open_items.append(VQAItem(f"{sid}-open-{qtype}", scene, f"{q}\n{SHORT_ANSWER_PROMPT}",
+                                      getattr(scene.objects[0], attr), qtype))
+    return {"trained": items, "other": other, "open": open_items}
+
+
+def answer_all(model: Harmon, items: list[VQAItem], batch_size: int = 64) -> list[str]:
+    preds: list[str] = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b: b + batch_size]
+        preds += model.answer([it.scene.render() for it in chunk], [it.question for it in chunk],
+                              max_new_tokens=24)
+    return preds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="model directory (default: the shipped one)")
+    ap.add_argument("--images", type=int, default=100, help="evaluation scenes")
+    ap.add_argument("--seed", type=int, default=0, help="evaluation seed (as harmon eval model's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", default=str(HERE / "results" / "question_wording.json"))
+    args = ap.parse_args()
+    model = Harmon.from_pretrained(args.checkpoint, device=args.device)
+    sets = worded_sets(args.images, model.cfg.image_size, args.seed)
+    scores = {name: evaluate_vqa(items, answer_all(model, items)) for name, items in sets.items()}
+    print(f"{model.name}: accuracy by wording, {args.images} evaluation scenes")
+    print(f"{'type':>10} {'trained wording':>16} {'other wordings':>15} {'open question':>14}")
+    for t in scores["trained"]["per_type"]:
+        cells = []
+        for name in ("trained", "other", "open"):
+            r = scores[name]["per_type"].get(t)
+            cells.append(f"{r['accuracy']:.3f} ({r['n']})" if r else "-")
+        print(f"{t:>10} {cells[0]:>16} {cells[1]:>15} {cells[2]:>14}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({
+        "model": model.name, "provenance": model.provenance, "images": args.images,
+        "seed": args.seed,
+        "per_type": {name: s["per_type"] for name, s in scores.items()}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
