@@ -4,6 +4,11 @@ wording the training stream uses against every other wording of them
 contain a red star?", ...), and on two open questions for single-object scenes that the plain
 stream never asks ("What shape is in the image?", "What color is the object?").
 
+A model trained with ``paraphrase`` has seen those other wordings; the ``unseen`` column asks in
+wordings no training stream uses (:data:`UNSEEN_WORDINGS`, e.g. "What is the number of circles in
+the image?"), and two more open questions, to tell learning a list of phrasings from reading
+questions.
+
 The scenes are those of ``harmon eval model`` (held-out evaluation scenes); answers are greedy and
 scored as there (exact match; yes/no parsed for POPE).
 
@@ -18,29 +23,50 @@ import json
 from pathlib import Path
 
 from harmon import Harmon
-from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, question_wordings
+from harmon.data.shapeworld import QUESTION_WORDINGS, SHORT_ANSWER_PROMPT, question_wordings
 from harmon.eval.vqa import VQAItem, build_vqa_eval_set, evaluate_vqa
 
 HERE = Path(__file__).resolve().parent
-OPEN_QUESTIONS = {"What shape is in the image?": ("shape", "shape"),
-                  "What color is the object?": ("color", "color")}
+# (question, the object attribute that answers it): the first two are those paraphrase trains
+OPEN_QUESTIONS = {"What shape is in the image?": "shape", "What color is the object?": "color"}
+UNSEEN_OPEN_QUESTIONS = {"Which shape is shown in this picture?": "shape",
+                         "What is the color of the shape?": "color"}
+
+#: Wordings no training stream uses, in the form of QUESTION_WORDINGS.
+UNSEEN_WORDINGS = (
+    (r"Is there (.+) in the image\?", ("Is {0} visible in the image?", "Do you see {0} in this picture?")),
+    (r"How many objects are there in the image\?",
+     ("What is the number of objects in the image?", "How many things does this picture show?")),
+    (r"How many (\w+) are there in the image\?",
+     ("What is the number of {0} in the image?", "How many {0} does this picture show?")),
+    (r"What color is the (\w+)\?", ("Tell me the color of the {0}.", "In what color is the {0} drawn?")),
+    (r"What shape is the (\w+) object\?",
+     ("Which shape does the {0} object have?", "Name the shape of the {0} object.")),
+    (r"Is the (.+?) (to the left of|to the right of|above|below) the (.+)\?",
+     ("Would you say the {0} is {1} the {2}?", "Does the {0} appear {1} the {2}?")),
+)
 
 
 def worded_sets(n_images: int, size: int, seed: int) -> dict[str, list[VQAItem]]:
-    """``{"trained": the evaluation items, "other": each item once per other wording, "open": the
-    open questions of the single-object scenes}``."""
+    """``{"trained": the evaluation items, "other": each item once per other wording, "unseen":
+    once per unseen wording, "open" / "unseen open": the open questions of the single-object
+    scenes}``."""
     items = build_vqa_eval_set(n_images, size=size, seed=seed)
-    other = [VQAItem(f"{it.id}-w{k}", it.scene, q, it.answer, it.qtype, it.split)
-             for it in items for k, q in enumerate(question_wordings(it.question))]
-    open_items, singles = [], {}
-    for it in items:
-        if len(it.scene.objects) == 1:
-            singles[it.id.split("-")[0]] = it.scene
-    for sid, scene in sorted(singles.items()):
-        for q, (attr, qtype) in OPEN_QUESTIONS.items():
-            open_items.append(VQAItem(f"{sid}-open-{qtype}", scene, f"{q}\n{SHORT_ANSWER_PROMPT}",
-                                      getattr(scene.objects[0], attr), qtype))
-    return {"trained": items, "other": other, "open": open_items}
+
+    def reworded(tag, table):
+        return [VQAItem(f"{it.id}-{tag}{k}", it.scene, q, it.answer, it.qtype, it.split)
+                for it in items for k, q in enumerate(question_wordings(it.question, table))]
+
+    singles = {it.id.split("-")[0]: it.scene for it in items if len(it.scene.objects) == 1}
+
+    def open_set(tag, questions):
+        return [VQAItem(f"{sid}-{tag}-{attr}", scene, f"{q}\n{SHORT_ANSWER_PROMPT}",
+                        getattr(scene.objects[0], attr), attr)
+                for sid, scene in sorted(singles.items()) for q, attr in questions.items()]
+
+    return {"trained": items, "other": reworded("w", QUESTION_WORDINGS),
+            "unseen": reworded("u", UNSEEN_WORDINGS), "open": open_set("open", OPEN_QUESTIONS),
+            "unseen open": open_set("uopen", UNSEEN_OPEN_QUESTIONS)}
 
 
 def answer_all(model: Harmon, items: list[VQAItem], batch_size: int = 64) -> list[str]:
@@ -64,13 +90,14 @@ def main() -> None:
     sets = worded_sets(args.images, model.cfg.image_size, args.seed)
     scores = {name: evaluate_vqa(items, answer_all(model, items)) for name, items in sets.items()}
     print(f"{model.name}: accuracy by wording, {args.images} evaluation scenes")
-    print(f"{'type':>10} {'trained wording':>16} {'other wordings':>15} {'open question':>14}")
+    print(f"{'type':>10}" + "".join(f"{name + (' wording' if 'open' not in name else ''):>22}"
+                                     for name in sets))
     for t in scores["trained"]["per_type"]:
         cells = []
-        for name in ("trained", "other", "open"):
+        for name in sets:
             r = scores[name]["per_type"].get(t)
             cells.append(f"{r['accuracy']:.3f} ({r['n']})" if r else "-")
-        print(f"{t:>10} {cells[0]:>16} {cells[1]:>15} {cells[2]:>14}")
+        print(f"{t:>10}" + "".join(f"{c:>22}" for c in cells))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
         "model": model.name, "provenance": model.provenance, "images": args.images,

@@ -544,11 +544,12 @@ def test_context_use_measures(tmp_path):
     pixels, _ = mod["scenes"](40, 64)
     truth = mod["true_neighbours"](pixels, mod["object_cells"](40, (8, 8)), (8, 8))
     assert truth["same"] > 0.7 * sum(truth.values()) and truth["other"] < 0.02 * sum(truth.values())
-    copying = mod["colour_copy"](model, n_images=24, draws=8)
+    copying = mod["colour_copy"](model, n_images=48, draws=16)
     assert [r["context"] for r in copying] == list(mod["COPY_CONTEXTS"])
     assert all(r["drawn"] > 0 and r["other"] + r["background"] <= r["drawn"] for r in copying)
     # the shipped model copies a colour from the object's 3 x 3 neighbourhood far better than
-    # from one token (0.021 against 0.105 in the benchmark's 960 draws; 0.044 / 0.096 here)
+    # from one token (0.018 against 0.080 in the benchmark's 704 draws; 0.023 / 0.070 in these
+    # 528: at a few percent, fewer draws are too few to tell)
     assert copying[1]["other_share"] < 0.7 * copying[0]["other_share"]
 
 
@@ -577,23 +578,30 @@ def test_understanding_use_measures():
 
 
 def test_question_wording_sets_keep_each_answer():
-    """benchmarks/question_wording.py: every other wording of an evaluation question keeps its
-    answer and type; the open questions go to single-object scenes only, answered by their object."""
-    from harmon.data.shapeworld import question_wordings
+    """benchmarks/question_wording.py: every other and every unseen wording of an evaluation
+    question keeps its answer and type, and no unseen wording is one the training stream uses;
+    the open questions go to single-object scenes only, answered by their object."""
+    from harmon.data.shapeworld import QUESTION_WORDINGS, question_wordings
 
     mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks"
                              / "question_wording.py"))
     sets = mod["worded_sets"](30, 64, 0)
     by_id = {it.id: it for it in sets["trained"]}
-    assert len(sets["other"]) >= 2 * len(sets["trained"])
-    for it in sets["other"]:
-        src = by_id[it.id.rsplit("-w", 1)[0]]
-        assert (it.answer, it.qtype, it.split, it.scene) == (src.answer, src.qtype, src.split, src.scene)
-        assert it.question in question_wordings(src.question)
-    assert sets["open"] and all(len(it.scene.objects) == 1 for it in sets["open"])
-    for it in sets["open"]:
-        o = it.scene.objects[0]
-        assert it.answer == (o.shape if it.qtype == "shape" else o.color)
+    for tag, name, table in (("w", "other", QUESTION_WORDINGS), ("u", "unseen", mod["UNSEEN_WORDINGS"])):
+        assert len(sets[name]) >= 2 * len(sets["trained"])
+        for it in sets[name]:
+            src = by_id[it.id.rsplit("-" + tag, 1)[0]]
+            assert (it.answer, it.qtype, it.split, it.scene) == (src.answer, src.qtype, src.split,
+                                                                 src.scene)
+            assert it.question in question_wordings(src.question, table)
+    trained = {q for it in sets["trained"] for q in [it.question, *question_wordings(it.question)]}
+    assert not trained & {it.question for it in sets["unseen"]}
+    assert not set(mod["OPEN_QUESTIONS"]) & set(mod["UNSEEN_OPEN_QUESTIONS"])
+    for name in ("open", "unseen open"):
+        assert sets[name] and all(len(it.scene.objects) == 1 for it in sets[name])
+        for it in sets[name]:
+            o = it.scene.objects[0]
+            assert it.answer == (o.shape if it.qtype == "shape" else o.color)
 
 
 def test_shape_probe_measures():

@@ -111,12 +111,13 @@ QUESTION_WORDINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
 PARAPHRASE_PROB = 0.5
 
 
-def question_wordings(question: str) -> list[str]:
-    """Other wordings of a ShapeWorld question (:data:`QUESTION_WORDINGS`), each with the same
-    answer; the short-answer instruction on its second line, if any, is kept. ``[]`` when the
-    question has no other wording."""
+def question_wordings(question: str,
+                      wordings: Sequence[tuple[str, Sequence[str]]] = QUESTION_WORDINGS) -> list[str]:
+    """Other wordings of a ShapeWorld question (by default :data:`QUESTION_WORDINGS`; any table of
+    the same form), each with the same answer; the short-answer instruction on its second line,
+    if any, is kept. ``[]`` when the question has no other wording."""
     head, sep, tail = question.partition("\n")
-    for pattern, templates in QUESTION_WORDINGS:
+    for pattern, templates in wordings:
         m = re.fullmatch(pattern, head)
         if m:
             return [t.format(*m.groups()) + sep + tail for t in templates]
