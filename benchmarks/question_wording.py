@@ -23,12 +23,14 @@ import json
 from pathlib import Path
 
 from harmon import Harmon
-from harmon.data.shapeworld import QUESTION_WORDINGS, SHORT_ANSWER_PROMPT, question_wordings
+from harmon.data.shapeworld import (QUESTION_WORDINGS, SHORT_ANSWER_PROMPT, SINGLE_OBJECT_QUESTIONS,
+                                    question_wordings)
+from harmon.eval.model_eval import answer_items
 from harmon.eval.vqa import VQAItem, build_vqa_eval_set, evaluate_vqa
 
 HERE = Path(__file__).resolve().parent
-# (question, the object attribute that answers it): the first two are those paraphrase trains
-OPEN_QUESTIONS = {"What shape is in the image?": "shape", "What color is the object?": "color"}
+# (question, the object attribute that answers it): those paraphrase trains, and two it does not
+OPEN_QUESTIONS = SINGLE_OBJECT_QUESTIONS
 UNSEEN_OPEN_QUESTIONS = {"Which shape is shown in this picture?": "shape",
                          "What is the color of the shape?": "color"}
 
@@ -69,15 +71,6 @@ def worded_sets(n_images: int, size: int, seed: int) -> dict[str, list[VQAItem]]
             "unseen open": open_set("uopen", UNSEEN_OPEN_QUESTIONS)}
 
 
-def answer_all(model: Harmon, items: list[VQAItem], batch_size: int = 64) -> list[str]:
-    preds: list[str] = []
-    for b in range(0, len(items), batch_size):
-        chunk = items[b: b + batch_size]
-        preds += model.answer([it.scene.render() for it in chunk], [it.question for it in chunk],
-                              max_new_tokens=24)
-    return preds
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None, help="model directory (default: the shipped one)")
@@ -88,7 +81,8 @@ def main() -> None:
     args = ap.parse_args()
     model = Harmon.from_pretrained(args.checkpoint, device=args.device)
     sets = worded_sets(args.images, model.cfg.image_size, args.seed)
-    scores = {name: evaluate_vqa(items, answer_all(model, items)) for name, items in sets.items()}
+    scores = {name: evaluate_vqa(items, answer_items(model, items, batch_size=64, progress=False))
+              for name, items in sets.items()}
     print(f"{model.name}: accuracy by wording, {args.images} evaluation scenes")
     print(f"{'type':>10}" + "".join(f"{name + (' wording' if 'open' not in name else ''):>22}"
                                      for name in sets))

@@ -106,6 +106,11 @@ QUESTION_WORDINGS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("Describe this image in detail.", "Give a detailed description of the image.")),
 )
 
+#: Open questions a world with ``paraphrase`` on also asks of single-object scenes, with the object
+#: attribute that answers each.
+SINGLE_OBJECT_QUESTIONS: dict[str, str] = {"What shape is in the image?": "shape",
+                                           "What color is the object?": "color"}
+
 #: Probability that a world with ``paraphrase`` on asks a question in another wording: the stream's
 #: own wording stays the most frequent, so the evaluation questions keep their accuracy.
 PARAPHRASE_PROB = 0.5
@@ -807,9 +812,8 @@ class ShapeWorld:
         rng = np.random.default_rng([self.seed, int(index), 2])
         pool = scene.questions()
         if self.paraphrase and len(scene.objects) == 1:
-            o = scene.objects[0]
-            pool += [QA(_short("What shape is in the image?"), o.shape, "shape"),
-                     QA(_short("What color is the object?"), o.color, "color")]
+            pool += [QA(_short(q), getattr(scene.objects[0], attr), attr)
+                     for q, attr in SINGLE_OBJECT_QUESTIONS.items()]
         wording_rng = np.random.default_rng([self.seed, int(index), 3])
         conv: list[dict[str, str]] = []
         qtypes: list[str] = []

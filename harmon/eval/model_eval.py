@@ -80,18 +80,23 @@ def generate_for_specs(model, specs, samples: int, batch_size: int = 16, seed: i
     return images
 
 
-def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size: int = 32,
-                           progress: bool = True) -> dict:
-    """Greedy answers to every question of ``n_images`` evaluation scenes, scored."""
-    size = model.cfg.image_size
-    items = build_vqa_eval_set(n_images, size=size, seed=seed)
-    preds = []
+def answer_items(model, items, batch_size: int = 32, progress: bool = True) -> list[str]:
+    """Greedy answers to VQA items (:class:`harmon.eval.vqa.VQAItem`: a scene and a question), in
+    batches; one string per item."""
+    preds: list[str] = []
     for b in tqdm(range(0, len(items), batch_size), desc="answering", unit="batch",
                   disable=not progress):
         chunk = items[b: b + batch_size]
         preds += model.answer([it.scene.render() for it in chunk], [it.question for it in chunk],
                               max_new_tokens=24)
-    return evaluate_vqa(items, preds)
+    return preds
+
+
+def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size: int = 32,
+                           progress: bool = True) -> dict:
+    """Greedy answers to every question of ``n_images`` evaluation scenes, scored."""
+    items = build_vqa_eval_set(n_images, size=model.cfg.image_size, seed=seed)
+    return evaluate_vqa(items, answer_items(model, items, batch_size, progress))
 
 
 def add_eval_model_command(subparsers) -> None:
