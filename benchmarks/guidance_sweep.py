@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="model directory or preset (default: shipped)")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     p.add_argument("--cfg-schedule", nargs="+", default=["constant"], choices=["constant", "linear"])
-    p.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    p.add_argument("--temperature", type=float, nargs="+", default=None,
+                   help="head temperatures (default: the model's, see harmon info)")
     p.add_argument("--steps", type=int, nargs="+", default=[64])
     p.add_argument("--refine", type=int, nargs="+", default=[0], help="rounds of self-correction")
     p.add_argument("--refine-fraction", type=float, default=REFINE_FRACTION,
@@ -90,7 +91,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = Harmon.from_pretrained(args.checkpoint)
-    settings = list(itertools.product(args.cfg, args.cfg_schedule, args.temperature, args.steps,
+    temperatures = args.temperature or [model.sampling["temperature"]]
+    settings = list(itertools.product(args.cfg, args.cfg_schedule, temperatures, args.steps,
                                       args.refine))
     print(f"{model.name}: {len(settings)} settings, {args.samples} image(s) per prompt, seed {args.seed}")
     out = Path(args.out)

@@ -380,6 +380,42 @@ def read_notes(path: str | Path) -> dict[str, str]:
     return {k: str(d[k]) for k in NOTE_KEYS if d.get(k)}
 
 
+#: The paper's sampling settings, which ``Harmon.generate`` uses unless a model directory says
+#: otherwise in its ``sampling`` entry (as a Hugging Face ``generation_config.json`` does).
+PAPER_SAMPLING = {"cfg": 3.0, "temperature": 1.0}
+
+
+def check_sampling(sampling, where: str = "sampling") -> dict[str, float]:
+    """``sampling`` ({"cfg": >= 1, "temperature": > 0}, either key optional) as floats, or a
+    ValueError naming ``where`` and what is wrong."""
+    if not isinstance(sampling, dict):
+        raise ValueError(f"{where} must be a mapping like {{\"temperature\": 0.8}}, got "
+                         f"{sampling!r}")
+    unknown = set(sampling) - set(PAPER_SAMPLING)
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {sorted(unknown)}; expected some of "
+                         f"{list(PAPER_SAMPLING)}")
+    out = {}
+    for k, v in sampling.items():
+        low, what = (1.0, ">= 1") if k == "cfg" else (0.0, "> 0")
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v \
+            and v != float("inf") and (v >= low if k == "cfg" else v > low)
+        if not ok:
+            raise ValueError(f"{where}: {k} must be a finite number {what}, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def read_sampling(path: str | Path) -> dict[str, float]:
+    """The ``sampling`` defaults of a directory in our format (checked); {} where it has none."""
+    if not (Path(path) / CONFIG_FILE).is_file():
+        return {}
+    d = _config_json(path)
+    if d.get("format") != "harmon" or "sampling" not in d:
+        return {}
+    return check_sampling(d["sampling"], f"'sampling' in {Path(path) / CONFIG_FILE}")
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 

@@ -137,6 +137,8 @@ def cmd_caption(args) -> int:
 def cmd_info(args) -> int:
     import torch
 
+    from .checkpoints import PAPER_SAMPLING
+
     model = _load(args)
     info = model.info()
     info["torch"] = torch.__version__
@@ -151,6 +153,9 @@ def cmd_info(args) -> int:
         print(f"questions   end with {info['answer_instruction']!r} (harmon ask --no-instruction "
               "leaves it out)")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
+    print("sampling    " + "  ".join(f"{k} {v:g}" for k, v in info["sampling"].items())
+          + ("" if info["sampling"] == PAPER_SAMPLING else "  (the paper's: "
+             + "  ".join(f"{k} {v:g}" for k, v in PAPER_SAMPLING.items()) + ")"))
     if info["local_conv"]:
         print(f"architecture  with local convolutions of width {info['local_conv']} in the MAR "
               "(mar.local_conv; not Harmon's)")
@@ -192,11 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the tokens re-masked per round (default %(default)s)")
     g.add_argument("--refine-steps", type=int, default=REFINE_STEPS,
                    help="steps per round (default %(default)s)")
-    g.add_argument("--cfg", type=float, default=3.0, help="guidance scale (>= 1)")
+    g.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (>= 1; default: the model's, see harmon info; 3 for the "
+                        "paper's weights)")
     g.add_argument("--cfg-schedule", default="constant", choices=["constant", "linear"])
     g.add_argument("--steps", type=int, default=None,
                    help="masked-generation steps K (default 64, or the token count if smaller)")
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="temperature of the diffusion head's draws (> 0; default: the model's, "
+                        "see harmon info; 1 for the paper's weights)")
     g.add_argument("--mode", default="fast", choices=["fast", "reference"],
                    help="fast (default; the reference's tokens up to float rounding) or reference")
     g.add_argument("--compile", action="store_true",

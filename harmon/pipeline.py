@@ -102,7 +102,8 @@ class Harmon:
     """A ready-to-use Harmon: ``generate`` images from text and ``answer`` questions on images."""
 
     def __init__(self, model: HarmonModel, tokenizer: HarmonTokenizer, name: str = "harmon",
-                 trained: bool = True, provenance: str = "", answer_instruction: str = ""):
+                 trained: bool = True, provenance: str = "", answer_instruction: str = "",
+                 sampling: dict[str, float] | None = None):
         if tokenizer.vocab_size > model.cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"embedding table only {model.cfg.llm.vocab_size} rows")
@@ -113,6 +114,9 @@ class Harmon:
         self.provenance = provenance  # how the weights were made ("trained_by" in config.json)
         # the line the model's training questions ended with; answer() appends it by default
         self.answer_instruction = answer_instruction
+        # generate()'s cfg and temperature when the call gives none: the paper's, unless these
+        # weights were measured to draw better with others (config.json "sampling")
+        self.sampling = {**checkpoints.PAPER_SAMPLING, **checkpoints.check_sampling(sampling or {})}
         self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
     # ---- loading and saving ----------------------------------------------------------------
@@ -158,13 +162,17 @@ class Harmon:
         notes = checkpoints.read_notes(path)
         return cls(model, HarmonTokenizer.from_dir(tok_dir), name=path.name,
                    provenance=notes.get("trained_by", ""),
-                   answer_instruction=notes.get("answer_instruction", ""))
+                   answer_instruction=notes.get("answer_instruction", ""),
+                   sampling=checkpoints.read_sampling(path))
 
     def save_pretrained(self, path: str | Path, *, int8: bool = False) -> Path:
         """Write config.json, model.safetensors and tokenizer.json to ``path`` (``int8``: weight
         matrices in int8 with per-row scales, half the bytes of float16)."""
         extra = {k: v for k, v in (("trained_by", self.provenance),
                                    ("answer_instruction", self.answer_instruction)) if v}
+        own = {k: v for k, v in self.sampling.items() if v != checkpoints.PAPER_SAMPLING[k]}
+        if own:
+            extra["sampling"] = own
         return checkpoints.save_pretrained(self.model, path, self.tokenizer, extra_config=extra,
                                            int8=int8)
 
@@ -193,7 +201,8 @@ class Harmon:
         counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
         counts["mar_encoder_decoder"] -= counts["diffusion_head"]
         return {"name": self.name, "trained": self.trained, "provenance": self.provenance,
-                "answer_instruction": self.answer_instruction, "device": str(self.device),
+                "answer_instruction": self.answer_instruction, "sampling": dict(self.sampling),
+                "device": str(self.device),
                 "dtype": str(self.model.dtype).replace("torch.", ""),
                 "image_size": self.cfg.image_size, "local_conv": self.cfg.mar.local_conv,
                 "parameters": counts,
@@ -219,8 +228,8 @@ class Harmon:
     def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                  candidates: int = 1, rerank: str = "yes",
                  size: int | tuple[int, int] | None = None, steps: int | None = None,
-                 cfg: float = 3.0, cfg_schedule: str = "constant", temperature: float = 1.0,
-                 seed: int | None = None,
+                 cfg: float | None = None, cfg_schedule: str = "constant",
+                 temperature: float | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
                  output: str = "pil", mode: str = "fast", compile: bool = False,
@@ -241,6 +250,9 @@ class Harmon:
             steps: K, the number of masked-generation steps (default 64, the paper's; at most
                 the number of tokens, which is also the default for images of fewer tokens).
             cfg: guidance scale (>= 1; 1 disables guidance); cfg_schedule "constant" or "linear".
+            temperature: of the diffusion head's draws (> 0).
+                cfg and temperature default to the model's :attr:`sampling`: the paper's 3 and 1,
+                unless the weights' ``config.json`` names others (the shipped model does).
             seed / generator: same seed, same device, same images.
             on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
             output: "pil" (list of images, prompt-major) or "uint8" ((B, H, W, 3) tensor).
@@ -264,6 +276,8 @@ class Harmon:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
+        cfg = self.sampling["cfg"] if cfg is None else cfg
+        temperature = self.sampling["temperature"] if temperature is None else temperature
         for name, v in (("num_images_per_prompt", num_images_per_prompt),
                         ("candidates", candidates)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:

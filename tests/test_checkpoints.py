@@ -191,6 +191,40 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
     assert Harmon.from_pretrained("tiny").answer_instruction == ""
 
 
+def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
+    """A model's own cfg / temperature (config.json "sampling") survive save, load and ship,
+    are what generate uses when the call names none, and bad ones are refused by name."""
+    import json
+
+    from harmon.train.ship import ship
+
+    assert tiny_harmon.sampling == {"cfg": 3.0, "temperature": 1.0}  # the paper's
+    plain = tiny_harmon.save_pretrained(tmp_path / "plain")
+    assert "sampling" not in json.loads((plain / "config.json").read_text())
+    src = ship(plain, tmp_path / "own", sampling={"temperature": 0.8})
+    model = Harmon.from_pretrained(src, device="cpu")
+    assert model.sampling == {"cfg": 3.0, "temperature": 0.8} == model.info()["sampling"]
+    assert json.loads((src / "config.json").read_text())["sampling"] == {"temperature": 0.8}
+    again = Harmon.from_pretrained(ship(src, tmp_path / "again", sampling={"cfg": 2.0}))
+    assert again.sampling == {"cfg": 2.0, "temperature": 0.8}
+    kw = dict(steps=4, seed=0, output="uint8")
+    own = model.generate("a red circle", **kw)
+    assert torch.equal(own, model.generate("a red circle", temperature=0.8, cfg=3.0, **kw))
+    assert not torch.equal(own, model.generate("a red circle", temperature=1.0, **kw))
+    for bad, match in (({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
+                       ({"cfg": 0.5}, "cfg must be a finite number >= 1, got 0.5"),
+                       ({"top_k": 5}, r"unknown keys \['top_k'\]"),
+                       (0.8, "must be a mapping")):
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["sampling"] = bad
+        (src / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(ValueError, match=match) as e:
+            Harmon.from_pretrained(src, device="cpu")
+        assert "config.json" in str(e.value)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ship(plain, tmp_path / "x", sampling={"temperature": -1.0})
+
+
 def test_ship_takes_a_fine_tuned_decoder_and_refuses_another_encoder(tmp_path, tiny_harmon):
     from harmon.train.ship import ship
     from harmon.train.vae import VAETrainConfig, load_vae, train_vae

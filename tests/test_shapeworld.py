@@ -265,6 +265,8 @@ def test_bad_world_arguments():
         ShapeWorld(pair_order="yes")
     with pytest.raises(ValueError, match="paraphrase must be true or false"):
         ShapeWorld(paraphrase=1)
+    with pytest.raises(ValueError, match="and_horizontal must be true or false"):
+        ShapeWorld(and_horizontal="no")
 
 
 def test_pair_order_names_the_left_or_upper_object_first():
@@ -295,6 +297,30 @@ def test_pair_order_names_the_left_or_upper_object_first():
     late = sum(clear_relation(s.objects[0].bbox, s.objects[1].bbox) in ("right of", "below")
                for s in pairs)
     assert 0.2 < late / len(pairs) < 0.6
+
+
+def test_and_horizontal_names_vertical_pairs_by_their_relation_only():
+    """With and_horizontal a pair one above the other is captioned "X above/below Y" whatever
+    style is drawn, so every "and" caption of a pair names a side-by-side pair; side-by-side
+    pairs, the other kinds and every scene keep the default world's captions and pixels."""
+    weights = {"short": 1, "plain": 1, "detailed": 1, "position": 1, "position_plain": 1}
+    knob = ShapeWorld(size=64, seed=5, pair_order=True, and_horizontal=True)
+    base = ShapeWorld(size=64, seed=5, pair_order=True)
+    moved = Counter()
+    for i in range(300):
+        s = knob.sample(i)
+        assert s.to_dict() == base.sample(i).to_dict()
+        (cap, style), (cap0, style0) = knob.caption_for(i, s, weights), base.caption_for(i, s, weights)
+        vertical = s.kind == "pair" and s.relation[1] in ("above", "below")
+        if not vertical:
+            assert (cap, style) == (cap0, style0)
+            continue
+        assert style.startswith("position") and (" above " in cap or " below " in cap), cap
+        assert " and " not in cap
+        assert style == ("position_plain" if style0 in ("plain", "position_plain") else "position")
+        if not style0.startswith("position"):
+            moved[style0] += 1
+    assert set(moved) == {"short", "plain", "detailed"} and min(moved.values()) > 5
 
 
 CONTENT_WORDS = {*COLOR_NAMES, *SHAPE_NAMES, *SHAPES.values(), "left", "right", "above", "below"}

@@ -309,6 +309,29 @@ def test_pair_order_reaches_the_shapeworld_source(tmp_path):
                         "data.sources.0.pair_order=true"])
 
 
+def test_and_horizontal_reaches_the_shapeworld_t2i_source(tmp_path):
+    """data.sources.N.and_horizontal captions the t2i stream's vertical pairs by their relation;
+    it is refused on an i2t source, whose captions it would not touch."""
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text())
+    t2i = [i for i, sc in enumerate(load_config(f).data.sources) if sc.task == "t2i"][0]
+    i2t = [i for i, sc in enumerate(load_config(f).data.sources) if sc.task == "i2t"][0]
+    cfg = load_config(f, [f"data.sources.{t2i}.and_horizontal=true",
+                          f"data.sources.{t2i}.pair_order=true",
+                          f"data.sources.{t2i}.kind_weights={{pair = 1}}",
+                          f"data.sources.{t2i}.style_weights={{short = 1}}"])
+    assert load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg
+    source = build_source(cfg.data.sources[t2i], 64, 0)
+    assert source.world.and_horizontal
+    caps = [source.item(i)["caption"] for i in range(40)]
+    assert all((" and " in c) != (" above " in c or " below " in c) for c in caps), caps
+    assert sum(" above " in c or " below " in c for c in caps) > 10
+    with pytest.raises(ValueError, match="and_horizontal applies to shapeworld t2i sources only"):
+        load_config(f, [f"data.sources.{i2t}.and_horizontal=true"])
+
+
 def test_paraphrase_reaches_the_shapeworld_vqa_source(tmp_path):
     """data.sources.N.paraphrase builds a world that rewords its questions; it is refused on a
     t2i source, where there is no question to reword."""

@@ -104,6 +104,28 @@ def test_info_and_static_files(server):
     assert status == 405 and "POST" in body["error"]
 
 
+def test_requests_default_to_the_models_own_sampling(tiny_harmon, monkeypatch):
+    """A request naming no cfg / temperature gets the model's (config.json "sampling"), unless
+    harmon serve set the page's cfg; /api/info shows the page what it will get."""
+    from harmon.web.server import ServerSettings, parse_generate
+
+    monkeypatch.setitem(tiny_harmon.sampling, "temperature", 0.8)
+    monkeypatch.setitem(tiny_harmon.sampling, "cfg", 2.0)
+    req = parse_generate({"prompt": "a red circle"}, tiny_harmon, ServerSettings())
+    assert (req.cfg, req.temperature) == (2.0, 0.8)
+    req = parse_generate({"prompt": "a red circle", "temperature": 1.0}, tiny_harmon,
+                         ServerSettings(cfg=4.0))
+    assert (req.cfg, req.temperature) == (4.0, 1.0)
+    srv = make_server(tiny_harmon, "127.0.0.1", 0, steps=2, size=32, log=False)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        defaults = call(srv, "/api/info")[1]["defaults"]
+        assert (defaults["cfg"], defaults["temperature"]) == (2.0, 0.8)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_generate_streams_previews_then_the_images(server, tiny_harmon):
     status, raw = call(server, "/api/generate", {"prompt": "a red circle", "n": 2, "seed": 3,
                                                  "cfg": 2.0, "steps": 3})
@@ -262,6 +284,7 @@ def test_a_failing_model_reports_and_the_server_survives(server, tiny_harmon, ca
 @pytest.mark.parametrize("argv, message", [
     (["--device", "quantum"], "unknown device 'quantum'"),
     (["--device", "cpu", "--checkpoint", "/no/such/harmon_1.5b.pth"], "no model at"),
+    (["--checkpoint", "tiny", "--device", "cpu", "--cfg", "0.5"], "--cfg must be >= 1"),
 ])
 def test_serve_startup_errors_are_one_line(argv, message, capsys):
     parser = argparse.ArgumentParser(prog="harmon")

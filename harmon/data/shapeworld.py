@@ -644,6 +644,12 @@ class ShapeWorld:
             circle and a blue square" always has the circle on the left or on top. The position
             captions are unchanged in meaning. A curriculum knob: with it, which object goes where
             is a function of the caption, and a generator that sees nothing yet need not guess it.
+        and_horizontal: in the text-to-image stream, caption a pair laid out one above the other by
+            its relation only ("a red circle above a blue square"; a plain, short or detailed
+            style drawn becomes the position style with or without colours), so "and" names
+            side-by-side pairs only and the words "above" and "below" alone call for the vertical
+            axis. A curriculum knob against drawing a relation on the wrong axis; the scenes are
+            unchanged.
         paraphrase: in the VQA stream, ask half of the questions in another wording
             (:func:`question_wordings`), and give single-object scenes the open questions "What
             shape is in the image?" and "What color is the object?". A knob against answers that
@@ -659,6 +665,7 @@ class ShapeWorld:
     color_jitter: int = 12
     relation_prob: float = 0.75
     pair_order: bool = False
+    and_horizontal: bool = False
     paraphrase: bool = False
 
     def __post_init__(self):
@@ -670,6 +677,8 @@ class ShapeWorld:
             raise ValueError("textured_prob and relation_prob must lie in [0, 1]")
         if not isinstance(self.pair_order, bool):
             raise ValueError(f"pair_order must be true or false, got {self.pair_order!r}")
+        if not isinstance(self.and_horizontal, bool):
+            raise ValueError(f"and_horizontal must be true or false, got {self.and_horizontal!r}")
         if not isinstance(self.paraphrase, bool):
             raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
         if not 0 <= self.color_jitter <= 40:
@@ -790,6 +799,9 @@ class ShapeWorld:
         style = _choice(np.random.default_rng([self.seed, int(index), 1]), w)
         if style.startswith("position") and scene.relation is None:
             style = "short" if style == "position" else "plain"
+        if (self.and_horizontal and scene.kind == "pair" and scene.relation is not None
+                and scene.relation[1] in ("above", "below") and not style.startswith("position")):
+            style = "position_plain" if style == "plain" else "position"
         return scene.caption(style), style
 
     def conversation_for(self, index: int, scene: Scene | None = None,

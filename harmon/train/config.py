@@ -120,6 +120,9 @@ class SourceConfig:
     # shapeworld: lay out every pair in a clear relation, the left or upper object named first
     # (harmon.data.shapeworld.ShapeWorld.pair_order): a curriculum knob
     pair_order: bool = False
+    # shapeworld t2i: caption vertical pairs by their relation only, so "and" names side-by-side
+    # pairs only (harmon.data.shapeworld.ShapeWorld.and_horizontal): a curriculum knob
+    and_horizontal: bool = False
     # shapeworld i2t: ask half of the questions in other wordings
     # (harmon.data.shapeworld.ShapeWorld.paraphrase)
     paraphrase: bool = False
@@ -154,6 +157,11 @@ class SourceConfig:
         if self.pair_order and self.kind != "shapeworld":
             raise ValueError(f"pair_order applies to shapeworld sources only, not to a "
                              f"{self.kind} source")
+        if not isinstance(self.and_horizontal, bool):
+            raise ValueError(f"and_horizontal must be true or false, got {self.and_horizontal!r}")
+        if self.and_horizontal and (self.kind, self.task) != ("shapeworld", "t2i"):
+            raise ValueError(f"and_horizontal applies to shapeworld t2i sources only (it chooses "
+                             f"captions), not to a {self.kind} {self.task} source")
         if not isinstance(self.paraphrase, bool):
             raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
         if self.paraphrase and (self.kind, self.task) != ("shapeworld", "i2t"):

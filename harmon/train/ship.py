@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checkpoints
 from ..checkpoints import CheckpointError
 from ..models.harmon import HarmonModel
 from ..pipeline import Harmon
@@ -51,11 +52,15 @@ def replace_decoder(model: HarmonModel, vae_dir: str | Path) -> None:
 
 
 def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
-         int8: bool = False, decoder: str | Path | None = None) -> Path:
+         int8: bool = False, decoder: str | Path | None = None,
+         sampling: dict[str, float] | None = None) -> Path:
     """Write ``src`` (a model directory) to ``dst`` in ``dtype`` (``int8``: its weight matrices
     in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note;
-    ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's."""
+    ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's;
+    ``sampling``: the cfg / temperature ``generate`` uses by default with these weights (e.g.
+    ``{"temperature": 0.8}``, as measured by ``benchmarks/guidance_sweep.py``)."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
+    model.sampling.update(checkpoints.check_sampling(sampling or {}))
     notes = [model.provenance] if model.provenance else []
     if decoder is not None:
         replace_decoder(model.model, decoder)
@@ -79,8 +84,14 @@ if __name__ == "__main__":
     parser.add_argument("--int8", action="store_true", help="weight matrices in int8")
     parser.add_argument("--decoder", help="a harmon train-vae --decoder-only output whose "
                         "decoder replaces the model's")
+    parser.add_argument("--cfg", type=float, help="the guidance scale generate uses by default "
+                        "with these weights (default: the source's, else the paper's 3)")
+    parser.add_argument("--temperature", type=float, help="the head temperature generate uses by "
+                        "default with these weights (default: the source's, else the paper's 1)")
     args = parser.parse_args()
     try:
-        ship(args.src, args.dst, int8=args.int8, decoder=args.decoder)
+        ship(args.src, args.dst, int8=args.int8, decoder=args.decoder,
+             sampling={k: v for k, v in (("cfg", args.cfg), ("temperature", args.temperature))
+                       if v is not None})
     except (OSError, ValueError) as e:  # bad paths or a decoder that does not fit: say which
         parser.error(str(e))

@@ -56,7 +56,7 @@ class ServerSettings:
     """Page defaults and request limits (``harmon serve`` flags set the first few)."""
 
     steps: int = 64  # default K shown on the page
-    cfg: float = 3.0  # default guidance scale shown on the page
+    cfg: float | None = None  # default guidance scale shown on the page; None = the model's
     size: int | None = None  # generation size; None = the model's image_size
     max_new_tokens: int = 256  # answer length unless the request asks for less
     max_images: int = 4  # images per generate request
@@ -156,6 +156,11 @@ class GenerateRequest:
     refine: int = 0
 
 
+def page_cfg(model, settings: ServerSettings) -> float:
+    """The guidance scale a request gets when it names none: the server's, else the model's."""
+    return settings.cfg if settings.cfg is not None else model.sampling["cfg"]
+
+
 def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateRequest:
     """Check a /api/generate body; every problem is a 400 naming the field and the bad value."""
     prompt = body.get("prompt")
@@ -177,10 +182,10 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         prompt=prompt,
         n=_number(body, "n", 1, 1, settings.max_images, True),
         seed=random.randrange(2 ** 31 - 1) if seed is None else seed,  # chosen here, reported back
-        cfg=_number(body, "cfg", settings.cfg, 1.0, 50.0, False),
+        cfg=_number(body, "cfg", page_cfg(model, settings), 1.0, 50.0, False),
         steps=_number(body, "steps", min(settings.steps, h * w), 1, h * w, True),
         size=size, cfg_schedule=schedule,
-        temperature=_number(body, "temperature", 1.0, 1e-3, 10.0, False),
+        temperature=_number(body, "temperature", model.sampling["temperature"], 1e-3, 10.0, False),
         candidates=_number(body, "candidates", 1, 1, settings.max_candidates, True),
         refine=_number(body, "refine", 0, 0, settings.max_refine, True))
 
@@ -377,7 +382,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
         info = model.info()
         info["warning"] = None if model.trained else \
             "random weights: images and answers are noise until trained weights are loaded"
-        info["defaults"] = {"n": 1, "seed": 0, "cfg": s.cfg, "steps": s.steps, "candidates": 1,
+        info["defaults"] = {"n": 1, "seed": 0, "cfg": page_cfg(model, s), "steps": s.steps,
+                            "temperature": model.sampling["temperature"], "candidates": 1,
                             "refine": 0, "size": s.size or model.cfg.image_size}
         info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates,
                           "max_refine": s.max_refine, "max_body_bytes": s.max_body_bytes,
@@ -535,6 +541,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 = any free port)")
     p.add_argument("--steps", type=int, default=64, help="default steps shown on the page")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="default guidance scale shown on the page (default: the model's, see "
+                        "harmon info)")
     p.add_argument("--size", type=int, default=None,
                    help="generation size, a multiple of 16 (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
@@ -556,8 +565,10 @@ def cmd_serve(args) -> int:
                                        vae=args.vae, tokenizer=args.tokenizer)
         if args.size is not None:
             model.model.grid_for(args.size)
+        if args.cfg is not None and not args.cfg >= 1:
+            raise ValueError(f"--cfg must be >= 1 (1 disables guidance), got {args.cfg}")
         server = make_server(model, args.host, args.port, log=not args.quiet, steps=args.steps,
-                             size=args.size, max_new_tokens=args.max_new_tokens,
+                             cfg=args.cfg, size=args.size, max_new_tokens=args.max_new_tokens,
                              compile=args.compile)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"harmon: error: {e}", file=sys.stderr)
@@ -568,7 +579,7 @@ def cmd_serve(args) -> int:
         return 2
     if args.compile:
         print("harmon serve: compiling the diffusion head (once)...", file=sys.stderr)
-        for cfg in (3.0, 1.0):  # one graph with guidance, one without
+        for cfg in (model.sampling["cfg"], 1.0):  # one graph with guidance, one without
             model.generate("warm-up", steps=2, size=args.size, cfg=cfg, compile=True)
     i = model.info()
     print(f"harmon serve: {i['name']} on {i['device']} ({i['dtype']}) at {server.url}  "
