@@ -15,6 +15,7 @@ model is never held twice in memory (``.pth`` files are memory-mapped).
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from pathlib import Path
@@ -398,8 +399,8 @@ def check_sampling(sampling, where: str = "sampling") -> dict[str, float]:
     out = {}
     for k, v in sampling.items():
         low, what = (1.0, ">= 1") if k == "cfg" else (0.0, "> 0")
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v \
-            and v != float("inf") and (v >= low if k == "cfg" else v > low)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+            and (v >= low if k == "cfg" else v > low)
         if not ok:
             raise ValueError(f"{where}: {k} must be a finite number {what}, got {v!r}")
         out[k] = float(v)
