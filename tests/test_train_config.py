@@ -316,8 +316,8 @@ def test_and_horizontal_reaches_the_shapeworld_t2i_source(tmp_path):
 
     f = tmp_path / "c.toml"
     f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text())
-    t2i = [i for i, sc in enumerate(load_config(f).data.sources) if sc.task == "t2i"][0]
-    i2t = [i for i, sc in enumerate(load_config(f).data.sources) if sc.task == "i2t"][0]
+    tasks = [sc.task for sc in load_config(f).data.sources]
+    t2i, i2t = tasks.index("t2i"), tasks.index("i2t")
     cfg = load_config(f, [f"data.sources.{t2i}.and_horizontal=true",
                           f"data.sources.{t2i}.pair_order=true",
                           f"data.sources.{t2i}.kind_weights={{pair = 1}}",

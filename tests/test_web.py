@@ -104,7 +104,7 @@ def test_info_and_static_files(server):
     assert status == 405 and "POST" in body["error"]
 
 
-def test_requests_default_to_the_models_own_sampling(tiny_harmon, monkeypatch):
+def test_requests_default_to_the_models_own_sampling(server, tiny_harmon, monkeypatch):
     """A request naming no cfg / temperature gets the model's (config.json "sampling"), unless
     harmon serve set the page's cfg; /api/info shows the page what it will get."""
     from harmon.web.server import ServerSettings, parse_generate
@@ -116,14 +116,8 @@ def test_requests_default_to_the_models_own_sampling(tiny_harmon, monkeypatch):
     req = parse_generate({"prompt": "a red circle", "temperature": 1.0}, tiny_harmon,
                          ServerSettings(cfg=4.0))
     assert (req.cfg, req.temperature) == (4.0, 1.0)
-    srv = make_server(tiny_harmon, "127.0.0.1", 0, steps=2, size=32, log=False)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        defaults = call(srv, "/api/info")[1]["defaults"]
-        assert (defaults["cfg"], defaults["temperature"]) == (2.0, 0.8)
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    defaults = call(server, "/api/info")[1]["defaults"]  # a server given no cfg of its own
+    assert (defaults["cfg"], defaults["temperature"]) == (2.0, 0.8)
 
 
 def test_generate_streams_previews_then_the_images(server, tiny_harmon):
