@@ -26,21 +26,23 @@ harmon train-tokenizer --out runs/shapeworld_tokenizer --vocab-size 512 --scenes
 #    X-W2 (3 x 900 more of X-U's recipe, X-W2 with the questions reworded half of the time), then
 #    stages X-W3 and X-W4 (2 x 900 more of X-W2's recipe: the relation words begin to be read),
 #    then stages X-A1 and X-A2 (2 x 900 more with vertical pairs captioned by their relation only,
-#    and_horizontal); configs/shapeworld_model_*.toml
+#    and_horizontal), then stages X-A3 and X-A4 (2 x 900 more of X-A2's recipe, counting scenes a
+#    little more often); configs/shapeworld_model_*.toml
 for s in 0 1 2 3 4 5_conv 6_conv 7_conv 8_conv 9_conv 10_conv 11_conv 17_fg 18_fg 19_fg 20_fg 21_ctx 22_ctx \
-         27_order 28_order 29_order 30_order 31_words 32_words 33_words 35_axis 36_axis; do
+         27_order 28_order 29_order 30_order 31_words 32_words 33_words 35_axis 36_axis \
+         37_axis 38_axis; do
   harmon train configs/shapeworld_model_stage$s.toml --resume
 done
 # 4. the VAE decoder again, alone, on latents with noise (a per-token std drawn from [0, 1] of the
 #    latents' unit): the encoder, so the latent space and every answer, stays; the decoder learns to
 #    make clean shapes of the slightly wrong latents the generator draws (stage X-D). No harmon
-#    train run trains the VAE, so stage X-F4's VAE is stage X-A2's
+#    train run trains the VAE, so stage X-F4's VAE is stage X-A4's
 harmon train-vae --decoder-only --init runs/shapeworld_model_stage20_fg/final --latent-noise 1.0 \
     --out runs/shapeworld_vae_decoder --steps 1500 --batch-size 32 --crop 0 --lr 2e-4 --warmup 50 \
     --seed 41 --data-seed 41 --resume
 # 5. ship: float16 weights + tokenizer + config into the package, with the decoder of step 4 and
 #    the head temperature it draws best with (0.7: benchmarks/guidance_sweep.py, docs/model_card.md)
-python -m harmon.train.ship runs/shapeworld_model_stage36_axis/final harmon/assets/shapeworld \
+python -m harmon.train.ship runs/shapeworld_model_stage38_axis/final harmon/assets/shapeworld \
     --decoder runs/shapeworld_vae_decoder --temperature 0.7
 # 6. score it (the numbers of docs/model_card.md)
 harmon eval model --samples 1 --vqa-images 500 --out runs/eval_shipped

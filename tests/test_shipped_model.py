@@ -76,10 +76,10 @@ PAIRS = [("red", "circle", "blue", "square"), ("yellow", "triangle", "purple", "
 def test_a_pair_s_first_named_object_is_drawn_on_the_left_or_on_top(shipped):
     # Its last stages trained on pairs named in reading order (ShapeWorld.pair_order), so which
     # object goes where follows from the names; each pair is asked in both orders. Measured on
-    # these 48 draws: 38 of the 38 images in which the judge finds both colours (X-W4, the
-    # release before, 36 of 37; X-W2 28 of 28; X-U 20 of 21); X-C2, before that training, 7 of
-    # 11. Since X-A1 "and" names side-by-side pairs only (and_horizontal): 33 of the 38 are side
-    # by side (X-W4 14 of 37).
+    # these 48 draws: 42 of the 42 images in which the judge finds both colours (X-A2, the
+    # release before, 38 of 38; X-W4 36 of 37; X-W2 28 of 28; X-U 20 of 21); X-C2, before that
+    # training, 7 of 11. Since X-A1 "and" names side-by-side pairs only (and_horizontal): 41 of
+    # the 42 are side by side (X-A2 33 of 38, X-W4 14 of 37).
     named = [((c1, s1), (c2, s2)) for c1, s1, c2, s2 in PAIRS]
     named += [(b, a) for a, b in named]
     prompts = [" and ".join(f"{article(c)} {c} {s}" for c, s in pair) for pair in named]
@@ -119,8 +119,8 @@ def test_draws_a_relation_on_its_axis(shipped):
     # Stages X-A1 and X-A2 captioned vertical pairs by their relation only (and_horizontal), so
     # "above" and "below" alone ask for the vertical axis; X-W4 drew a third of its position
     # images holding both shapes on the wrong axis. Measured on these 64 draws, among the images
-    # holding both colours: the asked relation on its axis in 53 of 53; X-W4 (the release before)
-    # 20 of 40.
+    # holding both colours: the asked relation on its axis in 55 of 56 (X-A2, the release before,
+    # 53 of 53); X-W4 20 of 40.
     relations = {"to the left of": (0, -1), "to the right of": (0, 1), "above": (1, -1),
                  "below": (1, 1)}  # (axis: 0 = x, 1 = y; sign of first - second along it)
     asked = [(rel, c1, c2) for rel in relations for c1, _, c2, _ in PAIRS]
