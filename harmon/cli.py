@@ -153,9 +153,12 @@ def cmd_info(args) -> int:
         print(f"questions   end with {info['answer_instruction']!r} (harmon ask --no-instruction "
               "leaves it out)")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
-    print("sampling    " + "  ".join(f"{k} {v:g}" for k, v in info["sampling"].items())
-          + ("" if info["sampling"] == PAPER_SAMPLING else "  (the paper's: "
-             + "  ".join(f"{k} {v:g}" for k, v in PAPER_SAMPLING.items()) + ")"))
+    def settings(d):
+        return "  ".join(f"{k} {v:g}" for k, v in d.items())
+
+    paper = ("" if info["sampling"] == PAPER_SAMPLING
+             else f"  (the paper's: {settings(PAPER_SAMPLING)})")
+    print(f"sampling    {settings(info['sampling'])}{paper}")
     if info["local_conv"]:
         print(f"architecture  with local convolutions of width {info['local_conv']} in the MAR "
               "(mar.local_conv; not Harmon's)")
