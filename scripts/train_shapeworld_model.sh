@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the model shipped in harmon/assets/shapeworld from nothing, on a CPU (2 cores: about
-# 16 hours). Every input is generated (ShapeWorld; the seeds are fixed here and in the configs);
+# 17 hours). Every input is generated (ShapeWorld; the seeds are fixed here and in the configs);
 # everything is written under runs/. Each step resumes where it stopped when run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,9 +40,17 @@ done
 harmon train-vae --decoder-only --init runs/shapeworld_model_stage20_fg/final --latent-noise 1.0 \
     --out runs/shapeworld_vae_decoder --steps 1500 --batch-size 32 --crop 0 --lr 2e-4 --warmup 50 \
     --seed 41 --data-seed 41 --resume
-# 5. ship: float16 weights + tokenizer + config into the package, with the decoder of step 4 and
-#    the head temperature it draws best with (0.7: benchmarks/guidance_sweep.py, docs/model_card.md)
-python -m harmon.train.ship runs/shapeworld_model_stage38_axis/final harmon/assets/shapeworld \
-    --decoder runs/shapeworld_vae_decoder --temperature 0.7
-# 6. score it (the numbers of docs/model_card.md)
+# 5. stage X-A4 as it was released (float16 weights with the decoder of step 4, head temperature
+#    0.7: benchmarks/guidance_sweep.py, docs/model_card.md): stages X-B and X-B2 start from it
+python -m harmon.train.ship runs/shapeworld_model_stage38_axis/final \
+    runs/shapeworld_model_stage38_shipped --decoder runs/shapeworld_vae_decoder --temperature 0.7
+# 6. stages X-B and X-B2 (2 x 900 more of X-A4's recipe, captions without colours more often)
+for s in 39_plain 40_plain; do
+  harmon train configs/shapeworld_model_stage$s.toml --resume
+done
+# 7. ship: float16 weights + tokenizer + config into the package (the decoder is step 4's, read
+#    from the init of step 6), with the head temperature it draws best with
+python -m harmon.train.ship runs/shapeworld_model_stage40_plain/final harmon/assets/shapeworld \
+    --temperature 0.7
+# 8. score it (the numbers of docs/model_card.md)
 harmon eval model --samples 1 --vqa-images 500 --out runs/eval_shipped

@@ -103,8 +103,14 @@ class Dist:
         if dist.is_initialized():
             dist.barrier()
 
-    def close(self):
+    def close(self, sync: bool = False):
+        """Destroy the process group this object made. ``sync``: after a barrier, so that no rank
+        tears gloo down while another still talks to it (a rank that left early aborted at exit,
+        "terminate called without an active exception"); never after an error, where the other
+        ranks may not come."""
         if self.owns_group and dist.is_initialized():
+            if sync:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -363,9 +369,12 @@ class Trainer:
     def train(self) -> list[dict]:
         """Run to ``run.steps``; returns the metric records of this call."""
         try:
-            return self._train()
-        finally:
+            records = self._train()
+        except BaseException:
             self.dist.close()
+            raise
+        self.dist.close(sync=True)
+        return records
 
     def _train(self) -> list[dict]:
         cfg, run, d = self.cfg, self.cfg.run, self.dist
