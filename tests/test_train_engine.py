@@ -230,7 +230,10 @@ def test_export_loads_with_harmon_and_samples_are_written(tmp_path):
     cont = tiny_config(tmp_path / "gen", ratio=(0, 0, 1), steps=1,
                        model={"init": str(tmp_path / "final")}, run={"export_final": True})
     Trainer(cont).train()
-    assert Harmon.from_pretrained(tmp_path / "gen" / "final").answer_instruction == SHORT_ANSWER_PROMPT
+    cont_model = Harmon.from_pretrained(tmp_path / "gen" / "final")
+    assert cont_model.answer_instruction == SHORT_ANSWER_PROMPT
+    # and its provenance names both runs, the init's story kept whole
+    assert cont_model.provenance == f"harmon train ({cont.name}, step 1) from [{model.provenance}]"
     assert list(Trainer(tiny_config(tmp_path / "fresh", ratio=(0, 0, 1), steps=1)).notes()) == [
         "trained_by"]  # no init, no questions: no instruction
 

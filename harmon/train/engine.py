@@ -624,7 +624,12 @@ class Trainer:
 
     def notes(self) -> dict[str, str]:
         """The notes (:data:`harmon.checkpoints.NOTE_KEYS`) of this run's checkpoints and export."""
-        notes = {"trained_by": f"harmon train ({self.cfg.name}, step {self.step})"}
+        made = f"harmon train ({self.cfg.name}, step {self.step})"
+        if self.init_notes.get("trained_by"):
+            # a continuation keeps its init's story (e.g. "VAE decoder from ...") instead of
+            # hiding it behind the last run's name
+            made += f" from [{self.init_notes['trained_by']}]"
+        notes = {"trained_by": made}
         if "answer_instruction" in self.init_notes:
             notes["answer_instruction"] = self.init_notes["answer_instruction"]
         if any(s.kind == "shapeworld" and s.task == "i2t" for s in self.cfg.data.sources):
