@@ -35,9 +35,10 @@ HERE = Path(__file__).resolve().parent
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
           seed: int, limit: int | None, on_row=None, refine_fraction: float = REFINE_FRACTION,
-          refine_steps: int = REFINE_STEPS) -> list[dict]:
+          refine_steps: int = REFINE_STEPS, candidates: int = 1) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
-    seconds per image. ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
+    seconds per image, each image the best of ``candidates`` draws by the model's own reading
+    (default 1: the generator alone). ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
     there, so a sweep stopped half-way keeps the rows it measured)."""
     rows = []
     for cfg, schedule, temperature, steps, refine in settings:
@@ -45,12 +46,13 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], sam
         summary = evaluate_generation(model, samples=samples, seed=seed, limit=limit, progress=False,
                                       cfg=cfg, cfg_schedule=schedule, temperature=temperature,
                                       steps=steps, refine=refine, refine_fraction=refine_fraction,
-                                      refine_steps=refine_steps)
+                                      refine_steps=refine_steps, candidates=candidates)
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
                      "refine": refine, "refine_fraction": refine_fraction,
-                     "refine_steps": refine_steps, "summary": summary, "images": n,
+                     "refine_steps": refine_steps, "candidates": candidates,
+                     "summary": summary, "images": n,
                      "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
         if on_row is not None:
@@ -84,6 +86,10 @@ def main() -> None:
                    help="share of the tokens each round draws again")
     p.add_argument("--refine-steps", type=int, default=REFINE_STEPS, help="steps of each round")
     p.add_argument("--samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="draws per image judged, the one the model reads as most like its prompt "
+                        "kept (default 1: the generator alone, as in every sweep of "
+                        "docs/shapeworld_log.md, whatever the model's own default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -104,7 +110,8 @@ def main() -> None:
                                    "threads": args.threads, "rows": rows}, indent=1) + "\n")
 
     sweep(model, settings, args.samples, args.seed, args.limit, on_row=write,
-          refine_fraction=args.refine_fraction, refine_steps=args.refine_steps)
+          refine_fraction=args.refine_fraction, refine_steps=args.refine_steps,
+          candidates=args.candidates)
     print(f"wrote {out}")
 
 

@@ -3,8 +3,9 @@
 ``caption_use.py`` asks which words lower the generator's loss; this asks what its drawings do.
 For each of the nine places a detailed caption names ("at the top left", "in the center", ...)
 it draws single objects whose caption names that place, in the training captions' own form ("a
-red circle at the top left on a plain dark blue background"), with the default sampling settings
-and one seed. The judge finds the objects (:func:`harmon.eval.judge.detect`); an image counts
+red circle at the top left on a plain dark blue background"), with the model's cfg and
+temperature, one draw per image (no best-of reranking: this asks what the generator does) and one
+seed. The judge finds the objects (:func:`harmon.eval.judge.detect`); an image counts
 when the object of the asked colour (else the largest one) has its centre in the named cell of
 the 3 x 3 grid. A generator deaf to place words scores about what its objects' unprompted
 spread gives (most land in the middle cell: about 1/9 over all places, higher for the centre);
@@ -60,7 +61,8 @@ def measure(model: Harmon, per_place: int, seed: int, batch: int = 16) -> dict:
     t0 = time.perf_counter()
     images = []
     for k in range(0, len(items), batch):
-        images += model.generate([p for _, _, p in items[k:k + batch]], seed=seed + k)
+        images += model.generate([p for _, _, p in items[k:k + batch]], seed=seed + k,
+                                 candidates=1)
     seconds = time.perf_counter() - t0
     rows = {region: {"images": 0, "in place": 0, "no object": 0} for region, _ in _REGIONS}
     spread = {region: 0 for region, _ in _REGIONS}  # where objects land, whatever was asked

@@ -10,14 +10,19 @@ over the reference measured in the same run. Both modes give the same tokens for
     python benchmarks/sample_speed.py                       # tiny and 0.5B at 256 and 512 px
     python benchmarks/sample_speed.py --presets tiny --sizes 256 --batches 1 8 --modes reference fast fast+compile
     python benchmarks/sample_speed.py --presets shipped --sizes 64 --batches 1 8   # the shipped model
+    python benchmarks/sample_speed.py --presets shipped --sizes 64 --candidates 1 2 --modes fast
 
 ``shipped`` is the trained model inside the package (its own weights and tokenizer), the others
-are random weights of a preset's shapes.
+are random weights of a preset's shapes. ``--candidates``: images drawn per image returned, the
+best kept by the model's own reading (``generate(candidates=...)``; default the model's own:
+1 for the presets, 2 for the shipped model); the time per image includes the extra draws and
+the reading.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -135,31 +140,33 @@ MODES = {"reference": dict(mode="reference"), "fast": dict(mode="fast"),
 
 
 def bench(model: Harmon, name: str, size: int, batch: int, steps: int, mode: str, device,
-          dtype) -> dict:
-    """One timed generation of ``batch`` images (after ``warm_up``)."""
+          dtype, candidates: int) -> dict:
+    """One timed generation of ``batch`` images, each the best of ``candidates`` (after
+    ``warm_up``)."""
     prompts = [f"a red circle number {i}" for i in range(batch)]
     timer = Timer(device)
     restore = instrument(model, timer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    model.generate(prompts, size=size, steps=steps, seed=0, **MODES[mode])
+    model.generate(prompts, size=size, steps=steps, seed=0, candidates=candidates, **MODES[mode])
     if device.type == "cuda":
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
     restore()
     return {"preset": name, "size": size, "batch": batch, "steps": steps, "mode": mode,
+            "candidates": candidates,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "seconds": total, "s_per_image": total / batch, "images_per_s": batch / total,
             "peak_memory_GiB": peak_memory(device),
             "breakdown_s": {k: round(v, 4) for k, v in sorted(timer.totals.items())}}
 
 
-def warm_up(model: Harmon, size: int, batch: int, mode: str) -> float:
+def warm_up(model: Harmon, size: int, batch: int, mode: str, candidates: int) -> float:
     """Allocations, and for compiled modes the compilation; returns its seconds."""
     prompts = [f"a red circle number {i}" for i in range(batch)]
     t0 = time.perf_counter()
-    model.generate(prompts, size=size, steps=2, seed=0, **MODES[mode])
+    model.generate(prompts, size=size, steps=2, seed=0, candidates=candidates, **MODES[mode])
     return time.perf_counter() - t0
 
 
@@ -172,6 +179,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per mode, interleaved; the fastest is reported")
     ap.add_argument("--modes", nargs="+", default=["reference", "fast"], choices=list(MODES))
+    ap.add_argument("--candidates", nargs="+", type=int, default=None,
+                    help="best of N draws per image (default: the model's own, harmon info)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on GPU")
     ap.add_argument("--json", default=str(HERE / "results" / "sample_speed.json"))
@@ -181,8 +190,8 @@ def main() -> None:
         torch.float32 if device.type == "cpu" else torch.bfloat16)
     torch.set_grad_enabled(False)
     rows = []
-    header = (f"{'preset':<13}{'size':>5}{'batch':>6}{'mode':>14}{'s/image':>9}{'img/s':>8}"
-              f"{'peak GiB':>9}{'speed-up':>9}  breakdown (s)")
+    header = (f"{'preset':<13}{'size':>5}{'batch':>6}{'best of':>8}{'mode':>14}{'s/image':>9}"
+              f"{'img/s':>8}{'peak GiB':>9}{'speed-up':>9}  breakdown (s)")
     print(header)
     for name in args.presets:
         if name == "shipped":
@@ -190,27 +199,27 @@ def main() -> None:
         else:
             model = Harmon(random_model(preset(name)).to(device=device, dtype=dtype),
                            byte_level_tokenizer(), name=name, trained=False)
-        for size in args.sizes:
-            for batch in args.batches:
-                warm = {mode: warm_up(model, size, batch, mode) for mode in args.modes}
-                runs = {mode: [] for mode in args.modes}
-                for _ in range(args.repeats):  # interleaved, so that drift hits every mode
-                    for mode in args.modes:
-                        runs[mode].append(bench(model, name, size, batch, args.steps, mode,
-                                                device, dtype))
-                base = None
+        for size, batch, cands in itertools.product(
+                args.sizes, args.batches, args.candidates or [model.sampling["candidates"]]):
+            warm = {mode: warm_up(model, size, batch, mode, cands) for mode in args.modes}
+            runs = {mode: [] for mode in args.modes}
+            for _ in range(args.repeats):  # interleaved, so that drift hits every mode
                 for mode in args.modes:
-                    r = min(runs[mode], key=lambda r: r["seconds"])  # the least disturbed run
-                    r["repeats_s_per_image"] = [round(x["s_per_image"], 4) for x in runs[mode]]
-                    r["warm_up_s"] = round(warm[mode], 2)
-                    base = base or (r["s_per_image"] if mode == "reference" else None)
-                    r["speedup_vs_reference"] = base / r["s_per_image"] if base else None
-                    rows.append(r)
-                    parts = " ".join(f"{k}={v:.2f}" for k, v in r["breakdown_s"].items())
-                    up = f"{r['speedup_vs_reference']:.2f}x" if base else "-"
-                    print(f"{name:<13}{size:>5}{batch:>6}{mode:>14}{r['s_per_image']:>9.2f}"
-                          f"{r['images_per_s']:>8.3f}{r['peak_memory_GiB']:>9.2f}{up:>9}  {parts}",
-                          flush=True)
+                    runs[mode].append(bench(model, name, size, batch, args.steps, mode,
+                                            device, dtype, cands))
+            base = None
+            for mode in args.modes:
+                r = min(runs[mode], key=lambda r: r["seconds"])  # the least disturbed run
+                r["repeats_s_per_image"] = [round(x["s_per_image"], 4) for x in runs[mode]]
+                r["warm_up_s"] = round(warm[mode], 2)
+                base = base or (r["s_per_image"] if mode == "reference" else None)
+                r["speedup_vs_reference"] = base / r["s_per_image"] if base else None
+                rows.append(r)
+                parts = " ".join(f"{k}={v:.2f}" for k, v in r["breakdown_s"].items())
+                up = f"{r['speedup_vs_reference']:.2f}x" if base else "-"
+                print(f"{name:<13}{size:>5}{batch:>6}{cands:>8}{mode:>14}{r['s_per_image']:>9.2f}"
+                      f"{r['images_per_s']:>8.3f}{r['peak_memory_GiB']:>9.2f}{up:>9}  {parts}",
+                      flush=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,

@@ -42,7 +42,8 @@ def measure(model: Harmon, candidates: int, seed: int, limit: int | None) -> dic
     judge's summaries of each way of picking one."""
     specs = eval_prompts("all")[:limit]
     t0 = time.perf_counter()
-    images = generate_for_specs(model, specs, candidates, seed=seed)
+    # one draw each (candidates=1 whatever the model's default): the pool the picks come from
+    images = generate_for_specs(model, specs, candidates, seed=seed, candidates=1)
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
     pool = [im for s in specs for im in images[s.prompt]]  # prompt-major, C per prompt
@@ -77,7 +78,7 @@ def measure(model: Harmon, candidates: int, seed: int, limit: int | None) -> dic
 
 
 def print_table(result: dict) -> None:
-    print(f"{'pick':<20} {'overall':>7} {'held-out':>8}  images right per category")
+    print(f"{'pick':<24} {'overall':>7} {'held-out':>8}  images right per category")
     for name, s in result["rows"].items():
         cats = s["categories"]
         held = s.get("heldout", {})
@@ -85,7 +86,7 @@ def print_table(result: dict) -> None:
             sum(c["correct"] for c in held.get("categories", {}).values())
         parts = [f"{SHORT_TAGS[t]} {cats[t]['accuracy']:.2f}" for t in GENEVAL_TAGS if t in cats]
         held_s = "-" if held.get("overall") is None else f"{held['overall']:.3f}"
-        print(f"{name:<20} {s['overall']:>7.3f} {held_s:>8}  " + "  ".join(parts)
+        print(f"{name:<24} {s['overall']:>7.3f} {held_s:>8}  " + "  ".join(parts)
               + f"  (right: {right})")
     print(f"{result['seconds_per_image']:.2f} s per candidate drawn, "
           f"{result['seconds_per_score']:.3f} s per candidate scored")

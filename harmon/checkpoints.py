@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from .configs import HarmonConfig, preset
 from .models.harmon import HarmonModel
+from .understand import SCORE_METHODS
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -382,13 +383,16 @@ def read_notes(path: str | Path) -> dict[str, str]:
 
 
 #: The paper's sampling settings, which ``Harmon.generate`` uses unless a model directory says
-#: otherwise in its ``sampling`` entry (as a Hugging Face ``generation_config.json`` does).
-PAPER_SAMPLING = {"cfg": 3.0, "temperature": 1.0}
+#: otherwise in its ``sampling`` entry (as a Hugging Face ``generation_config.json`` does):
+#: guidance scale, head temperature, and one draw per image (``candidates``: best of N by the
+#: model's own reading, ``rerank`` saying how it reads them; the paper does not do this).
+PAPER_SAMPLING = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
 
 
-def check_sampling(sampling, where: str = "sampling") -> dict[str, float]:
-    """``sampling`` ({"cfg": >= 1, "temperature": > 0}, either key optional) as floats, or a
-    ValueError naming ``where`` and what is wrong."""
+def check_sampling(sampling, where: str = "sampling") -> dict[str, float | int | str]:
+    """``sampling`` ({"cfg": >= 1, "temperature": > 0, "candidates": an integer >= 1, "rerank":
+    one of :data:`~harmon.understand.SCORE_METHODS`}, every key optional) with cfg and
+    temperature as floats, or a ValueError naming ``where`` and what is wrong."""
     if not isinstance(sampling, dict):
         raise ValueError(f"{where} must be a mapping like {{\"temperature\": 0.8}}, got "
                          f"{sampling!r}")
@@ -398,16 +402,26 @@ def check_sampling(sampling, where: str = "sampling") -> dict[str, float]:
                          f"{list(PAPER_SAMPLING)}")
     out = {}
     for k, v in sampling.items():
+        if k == "rerank":
+            if v not in SCORE_METHODS:
+                raise ValueError(f"{where}: rerank must be one of {list(SCORE_METHODS)}, got "
+                                 f"{v!r}")
+            out[k] = v
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if k == "candidates":
+            if not (number and float(v).is_integer() and v >= 1):
+                raise ValueError(f"{where}: candidates must be an integer >= 1, got {v!r}")
+            out[k] = int(v)
+            continue
         low, what = (1.0, ">= 1") if k == "cfg" else (0.0, "> 0")
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
-            and (v >= low if k == "cfg" else v > low)
-        if not ok:
+        if not (number and (v >= low if k == "cfg" else v > low)):
             raise ValueError(f"{where}: {k} must be a finite number {what}, got {v!r}")
         out[k] = float(v)
     return out
 
 
-def read_sampling(path: str | Path) -> dict[str, float]:
+def read_sampling(path: str | Path) -> dict[str, float | int | str]:
     """The ``sampling`` defaults of a directory in our format (checked); {} where it has none."""
     if not (Path(path) / CONFIG_FILE).is_file():
         return {}

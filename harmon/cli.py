@@ -154,7 +154,9 @@ def cmd_info(args) -> int:
               "leaves it out)")
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
     def settings(d):
-        return "  ".join(f"{k} {v:g}" for k, v in d.items())
+        shown = {k: v for k, v in d.items() if k != "rerank" or d.get("candidates", 1) > 1}
+        return "  ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+                         for k, v in shown.items())
 
     paper = ("" if info["sampling"] == PAPER_SAMPLING
              else f"  (the paper's: {settings(PAPER_SAMPLING)})")
@@ -176,6 +178,7 @@ def cmd_reference(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .generate import REFINE_FRACTION, REFINE_STEPS
+    from .understand import SCORE_METHODS
 
     ap = argparse.ArgumentParser(prog="harmon", description="Harmon: one model to generate images "
                                  "from text and answer questions about images.",
@@ -187,12 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompts", nargs="+", help="one or more prompts")
     g.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--seed", type=int, default=0, help="random seed (same seed, same image)")
-    g.add_argument("--candidates", type=int, default=1,
+    g.add_argument("--candidates", type=int, default=None,
                    help="draw this many images per image kept and keep the one the model itself "
-                        "reads as most like the prompt (default 1: no reranking)")
-    g.add_argument("--rerank", default="yes", choices=["yes", "caption"],
+                        "reads as most like the prompt (default: the model's, see harmon info; "
+                        "1 keeps the first draw)")
+    g.add_argument("--rerank", default=None, choices=SCORE_METHODS,
                    help="how the model compares candidates: yes = p(yes | 'Is there PROMPT in "
-                        "the image?'), caption = p(PROMPT | 'Describe the image briefly.')")
+                        "the image?'), caption = p(PROMPT | 'Describe the image briefly.'), "
+                        "questions = the answers to the questions the prompt asks (how many "
+                        "circles, what colour; ShapeWorld prompts) (default: the model's)")
     g.add_argument("--refine", type=int, default=0,
                    help="rounds of self-correction after the K steps: re-mask the tokens that "
                         "fit the rest worst and sample them again (default 0)")

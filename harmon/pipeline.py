@@ -19,16 +19,16 @@ from PIL import Image
 
 from . import checkpoints
 from .configs import HarmonConfig, PRESETS, preset
+from .data.shapeworld import prompt_questions
 from .fast import FastHeadSampler
 from .generate import REFINE_FRACTION, REFINE_STEPS, StepInfo, sample_tokens, to_uint8
 from .models.harmon import HarmonModel
 from .rng import TorchDraws
 from .tokenizer import (BRIEF_CAPTION_QUESTION, CAPTION_QUESTION, HarmonTokenizer,
                         byte_level_tokenizer, pad_ids)
-from .understand import answer_log_likelihood, decode, image_embeddings, preprocess
+from .understand import SCORE_METHODS, answer_log_likelihood, decode, image_embeddings, preprocess
 
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "shapeworld"
-SCORE_METHODS = ("yes", "caption")  # how Harmon.score reads an image against a text
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -103,7 +103,7 @@ class Harmon:
 
     def __init__(self, model: HarmonModel, tokenizer: HarmonTokenizer, name: str = "harmon",
                  trained: bool = True, provenance: str = "", answer_instruction: str = "",
-                 sampling: dict[str, float] | None = None):
+                 sampling: dict[str, float | int | str] | None = None):
         if tokenizer.vocab_size > model.cfg.llm.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's "
                              f"embedding table only {model.cfg.llm.vocab_size} rows")
@@ -114,8 +114,9 @@ class Harmon:
         self.provenance = provenance  # how the weights were made ("trained_by" in config.json)
         # the line the model's training questions ended with; answer() appends it by default
         self.answer_instruction = answer_instruction
-        # generate()'s cfg and temperature when the call gives none: the paper's, unless these
-        # weights were measured to draw better with others (config.json "sampling")
+        # generate()'s cfg, temperature, candidates and rerank when the call gives none: the
+        # paper's, unless these weights were measured to draw better with others (config.json
+        # "sampling")
         self.sampling = {**checkpoints.PAPER_SAMPLING, **checkpoints.check_sampling(sampling or {})}
         self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
@@ -226,7 +227,7 @@ class Harmon:
 
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
-                 candidates: int = 1, rerank: str = "yes",
+                 candidates: int | None = None, rerank: str | None = None,
                  size: int | tuple[int, int] | None = None, steps: int | None = None,
                  cfg: float | None = None, cfg_schedule: str = "constant",
                  temperature: float | None = None, seed: int | None = None,
@@ -243,16 +244,18 @@ class Harmon:
             prompts: one prompt or a list; each gives ``num_images_per_prompt`` images.
             candidates: draw this many images for every image returned and keep the one the
                 model itself finds most like its prompt (:meth:`score`: the understanding path
-                reads each candidate); 1 (default) returns the first draw. The candidates of
-                ``generate(p, candidates=C, seed=s)`` are ``generate(p,
+                reads each candidate); 1 returns the first draw. The candidates of
+                ``generate(p, candidates=C, seed=s)`` are ``generate(p, candidates=1,
                 num_images_per_prompt=C, seed=s)``; the cost is C images and C scores.
+            rerank: how the candidates are read (:meth:`score`'s ``method``).
             size: an int (square) or (height, width), multiples of 16; default the model's.
             steps: K, the number of masked-generation steps (default 64, the paper's; at most
                 the number of tokens, which is also the default for images of fewer tokens).
             cfg: guidance scale (>= 1; 1 disables guidance); cfg_schedule "constant" or "linear".
             temperature: of the diffusion head's draws (> 0).
-                cfg and temperature default to the model's :attr:`sampling`: the paper's 3 and 1,
-                unless the weights' ``config.json`` names others (the shipped model does).
+                cfg, temperature, candidates and rerank default to the model's
+                :attr:`sampling`: the paper's 3, 1 and one draw, unless the weights'
+                ``config.json`` names others (the shipped model does).
             seed / generator: same seed, same device, same images.
             on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
             output: "pil" (list of images, prompt-major) or "uint8" ((B, H, W, 3) tensor).
@@ -278,6 +281,8 @@ class Harmon:
             raise ValueError("no prompt given: pass a string or a non-empty list of strings")
         cfg = self.sampling["cfg"] if cfg is None else cfg
         temperature = self.sampling["temperature"] if temperature is None else temperature
+        candidates = self.sampling["candidates"] if candidates is None else candidates
+        rerank = self.sampling["rerank"] if rerank is None else rerank
         for name, v in (("num_images_per_prompt", num_images_per_prompt),
                         ("candidates", candidates)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -405,6 +410,14 @@ class Harmon:
           and a blue star"). The end of turn counts, so an image with more than the text names
           scores lower; a text that leaves out what every caption says (the shipped model's
           always name colours) is unlikely for every image.
+        - ``method="questions"``: the text taken apart into the questions the model was
+          trained to answer (TIFA's idea, with ShapeWorld's caption grammar for the parsing:
+          :func:`harmon.data.shapeworld.prompt_questions`: how many of each shape, is each
+          coloured one there, what colour is each shape named once), the log-likelihoods of
+          their answers summed. "three circles" is asked "How many circles are there in the
+          image?", which the model counts well, rather than "Is there three circles in the
+          image?", which it reads as "are there circles". A text outside that grammar is
+          scored as by "yes".
 
         Compare scores of one text across images (as ``generate(candidates=...)`` does).
 
@@ -434,13 +447,36 @@ class Harmon:
                     (BRIEF_CAPTION_QUESTION, self.tokenizer.encode(t.strip()) + end)
                     for t in chunk]))
                 continue
-            questions = self._with_instruction([f"Is there {t.strip()} in the image?"
-                                                for t in chunk])
-            yes = [self._answer_log_likelihood(img, [(q, self.tokenizer.encode(word))
-                                                     for q in questions])
-                   for word in ("yes", "Yes")]
-            out.append(torch.logaddexp(*yes))
+            if method == "questions":
+                out.append(self._questions_score(img, chunk))
+                continue
+            out.append(self._yes_score(img, chunk))
         return torch.cat(out)
+
+    def _yes_score(self, img: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(B, N+64, H) image inputs, B texts -> (B,) log p(yes | "Is there TEXT in the image?")."""
+        questions = self._with_instruction([f"Is there {t.strip()} in the image?" for t in texts])
+        yes = [self._answer_log_likelihood(img, [(q, self.tokenizer.encode(word))
+                                                 for q in questions])
+               for word in ("yes", "Yes")]
+        return torch.logaddexp(*yes)
+
+    def _questions_score(self, img: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """(B, N+64, H) image inputs, B texts -> (B,) summed answer log-likelihoods of each
+        text's questions (:func:`prompt_questions`); "yes" scores for texts it cannot parse."""
+        checks = [prompt_questions(t) for t in texts]
+        out = torch.zeros(len(texts))
+        other = [i for i, c in enumerate(checks) if c is None]
+        if other:
+            out[other] = self._yes_score(img[other], [texts[i] for i in other])
+        owner = [i for i, c in enumerate(checks) if c is not None for _ in c]
+        if owner:
+            qa = [qa for c in checks if c is not None for qa in c]
+            questions = self._with_instruction([q for q, _ in qa])
+            ll = self._answer_log_likelihood(img[owner], [
+                (q, self.tokenizer.encode(a)) for q, (_, a) in zip(questions, qa)])
+            out.index_add_(0, torch.tensor(owner), ll)
+        return out
 
     def _with_instruction(self, questions: list, instruction: str | None = None) -> list:
         """Each question with the answer instruction on a line of its own (None: the model's;

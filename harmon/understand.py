@@ -18,6 +18,9 @@ from transformers import DynamicCache
 from .models.harmon import HarmonModel
 from .models.llm import positions_from_mask, run_body
 
+#: How Harmon.score reads an image against a text (and generate(candidates=...) picks).
+SCORE_METHODS = ("yes", "caption", "questions")
+
 PAD_GRAY = 127
 
 

@@ -49,8 +49,9 @@ for s in 39_plain 40_plain; do
   harmon train configs/shapeworld_model_stage$s.toml --resume
 done
 # 7. ship: float16 weights + tokenizer + config into the package (the decoder is step 4's, read
-#    from the init of step 6), with the head temperature it draws best with
+#    from the init of step 6), with the head temperature it draws best with, and each image the
+#    best of two draws by the model's own reading (benchmarks/self_rerank.py, docs/model_card.md)
 python -m harmon.train.ship runs/shapeworld_model_stage40_plain/final harmon/assets/shapeworld \
-    --temperature 0.7
+    --temperature 0.7 --candidates 2
 # 8. score it (the numbers of docs/model_card.md)
 harmon eval model --samples 1 --vqa-images 500 --out runs/eval_shipped

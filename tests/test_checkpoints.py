@@ -192,28 +192,50 @@ def test_provenance_is_kept_through_save_load_and_ship(tmp_path, tiny_harmon):
 
 
 def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
-    """A model's own cfg / temperature (config.json "sampling") survive save, load and ship,
-    are what generate uses when the call names none, and bad ones are refused by name."""
+    """A model's own cfg / temperature / candidates (config.json "sampling") survive save, load
+    and ship, are what generate uses when the call names none, and bad ones are refused by
+    name."""
     import json
 
     from harmon.train.ship import ship
 
-    assert tiny_harmon.sampling == {"cfg": 3.0, "temperature": 1.0}  # the paper's
+    paper = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
+    assert tiny_harmon.sampling == paper
     plain = tiny_harmon.save_pretrained(tmp_path / "plain")
     assert "sampling" not in json.loads((plain / "config.json").read_text())
     src = ship(plain, tmp_path / "own", sampling={"temperature": 0.8})
     model = Harmon.from_pretrained(src, device="cpu")
-    assert model.sampling == {"cfg": 3.0, "temperature": 0.8} == model.info()["sampling"]
+    assert model.sampling == {**paper, "temperature": 0.8} == model.info()["sampling"]
     assert json.loads((src / "config.json").read_text())["sampling"] == {"temperature": 0.8}
     again = Harmon.from_pretrained(ship(src, tmp_path / "again", sampling={"cfg": 2.0}))
-    assert again.sampling == {"cfg": 2.0, "temperature": 0.8}
+    assert again.sampling == {**paper, "cfg": 2.0, "temperature": 0.8}
+    best = Harmon.from_pretrained(ship(src, tmp_path / "best", sampling={"candidates": 2}))
+    assert best.sampling == {**paper, "temperature": 0.8, "candidates": 2}
+    assert json.loads((tmp_path / "best" / "config.json").read_text())["sampling"] == {
+        "temperature": 0.8, "candidates": 2}
+    asks = Harmon.from_pretrained(ship(src, tmp_path / "asks", sampling={"candidates": 2,
+                                                                         "rerank": "questions"}))
+    assert asks.sampling == {**paper, "temperature": 0.8, "candidates": 2, "rerank": "questions"}
     kw = dict(steps=4, seed=0, output="uint8")
     own = model.generate("a red circle", **kw)
     assert torch.equal(own, model.generate("a red circle", temperature=0.8, cfg=3.0, **kw))
     assert not torch.equal(own, model.generate("a red circle", temperature=1.0, **kw))
+    # best of 2 by default: the pick of the same two draws as an explicit candidates=2 ...
+    picked = best.generate("a red circle", **kw)
+    assert torch.equal(picked, model.generate("a red circle", candidates=2, **kw))
+    # ... which are the two images of one call with a single draw each
+    pair = best.generate("a red circle", candidates=1, num_images_per_prompt=2, **kw)
+    assert any(torch.equal(picked[0], im) for im in pair)
+    assert torch.equal(own, best.generate("a red circle", candidates=1, **kw))
+    assert torch.equal(asks.generate("a red circle", **kw),
+                       model.generate("a red circle", candidates=2, rerank="questions", **kw))
     for bad, match in (({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
                        ({"cfg": 0.5}, "cfg must be a finite number >= 1, got 0.5"),
                        ({"top_k": 5}, r"unknown keys \['top_k'\]"),
+                       ({"candidates": 0}, "candidates must be an integer >= 1, got 0"),
+                       ({"candidates": 1.5}, "candidates must be an integer >= 1, got 1.5"),
+                       ({"candidates": True}, "candidates must be an integer >= 1, got True"),
+                       ({"rerank": "clip"}, r"rerank must be one of \['yes', 'caption', "),
                        (0.8, "must be a mapping")):
         cfg = json.loads((src / "config.json").read_text())
         cfg["sampling"] = bad

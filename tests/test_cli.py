@@ -67,9 +67,9 @@ def test_ask_caption_info(tmp_path, capsys):
     assert main(["info", "--checkpoint", "tiny", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"] == "cpu" and info["total_parameters"] > 0 and not info["trained"]
-    assert info["sampling"] == {"cfg": 3.0, "temperature": 1.0}
+    assert info["sampling"] == {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
     assert main(["info", "--checkpoint", "tiny"]) == 0
-    assert "sampling    cfg 3  temperature 1\n" in capsys.readouterr().out
+    assert "sampling    cfg 3  temperature 1  candidates 1\n" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -646,7 +646,8 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
 
     def recording_generate(prompts, **kw):
         calls.append((kw["cfg"], kw["cfg_schedule"], kw["temperature"], kw["steps"],
-                      kw["refine"], kw["seed"], kw["refine_fraction"], kw["refine_steps"]))
+                      kw["refine"], kw["seed"], kw["refine_fraction"], kw["refine_steps"],
+                      kw["candidates"]))
         return generate(prompts, **kw)
 
     model.generate = recording_generate
@@ -655,14 +656,15 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
     rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2,
                         on_row=lambda rs: seen.append(len(rs)), refine_fraction=0.3, refine_steps=2)
     assert seen == [1, 2]
-    assert calls == [s + (5, 0.3, 2) for s in settings]  # one batch of 2 prompts per setting
+    # one batch of 2 prompts per setting, one draw per image whatever the model's default
+    assert calls == [s + (5, 0.3, 2, 1) for s in settings]
     assert [(r["cfg"], r["cfg_schedule"], r["temperature"], r["steps"], r["refine"])
             for r in rows] == settings
     assert all(r["refine_fraction"] == 0.3 and r["refine_steps"] == 2 for r in rows)
     assert [r["images"] for r in rows] == [2, 2]
     direct = evaluate_generation(model, samples=1, seed=5, limit=2, progress=False, cfg=4.0,
                                  cfg_schedule="linear", temperature=0.5, steps=4, refine=1,
-                                 refine_fraction=0.3, refine_steps=2)
+                                 refine_fraction=0.3, refine_steps=2, candidates=1)
     assert rows[1]["summary"] == direct
     assert "cfg    4 linear" in capsys.readouterr().out
 
@@ -679,9 +681,10 @@ def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
     model.generate = lambda prompts, **kw: generate(prompts, steps=4, **kw)  # fast
     result = mod["measure"](model, candidates=2, seed=5, limit=3)
     rows = result["rows"]
-    assert list(rows) == ["first", "any one", "yes, best of 2", "caption, best of 2", "oracle"]
+    assert list(rows) == ["first", "any one", "yes, best of 2", "caption, best of 2",
+                          "questions, best of 2", "oracle"]
     assert rows["any one"]["images"] == 6 and rows["first"]["images"] == 3
-    for method in ("yes", "caption"):
+    for method in ("yes", "caption", "questions"):
         direct = evaluate_generation(model, samples=1, seed=5, limit=3, progress=False,
                                      candidates=2, rerank=method)
         for cat in direct["categories"].values():
@@ -828,7 +831,7 @@ def test_place_use_counts_objects_in_the_named_cell():
         def __init__(self, obey: bool):
             self.obey = obey
 
-        def generate(self, prompts, seed=0):
+        def generate(self, prompts, seed=0, candidates=1):
             out = []
             for p in prompts:
                 region = next(r for r, phrase in sorted(_REGIONS, key=lambda x: -len(x[1]))

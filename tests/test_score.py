@@ -40,10 +40,23 @@ def test_score_is_the_answer_log_likelihood(tiny_harmon):
     assert yes.item() == pytest.approx(want, abs=1e-4)
 
 
+def test_questions_score_sums_the_answers_of_the_prompt_s_questions(tiny_harmon):
+    """method="questions": the answers of ShapeWorld's questions for the text, summed; a text
+    outside the grammar is scored as by "yes"."""
+    im = _images(1, seed=2)[0]
+    got = tiny_harmon.score([im, im], ["two red squares", "a photo of a cat"], method="questions")
+    want = sum(_log_likelihood_by_hand(tiny_harmon, im, q, a, end=False) for q, a in (
+        ("How many squares are there in the image?", "two"),
+        ("Is there a red square in the image?", "yes")))
+    assert got[0].item() == pytest.approx(want, abs=1e-4)
+    assert got[1].item() == pytest.approx(
+        tiny_harmon.score([im], "a photo of a cat", method="yes").item(), abs=1e-5)
+
+
 def test_batched_right_padded_scores_equal_one_by_one(tiny_harmon):
     ims = _images(3, seed=1)
     texts = ["a circle", "two blue squares and a very long list of other things", "a star"]
-    for method in ("caption", "yes"):
+    for method in ("caption", "yes", "questions"):
         batched = tiny_harmon.score(ims, texts, method=method, batch_size=2)
         single = torch.cat([tiny_harmon.score([im], t, method=method) for im, t in zip(ims, texts)])
         assert torch.allclose(batched, single, atol=1e-4), method

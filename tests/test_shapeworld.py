@@ -21,7 +21,8 @@ from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, O
                          ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 from harmon.data.export import add_export_command
 from harmon.data.shapes import RELATIONS, SHAPES, article, circumradius, clear_relation
-from harmon.data.shapeworld import SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject, question_wordings
+from harmon.data.shapeworld import (SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject, noun_phrase,
+                                    question_wordings)
 
 
 @pytest.fixture(scope="module")
@@ -542,3 +543,51 @@ def test_training_questions_never_name_a_heldout_pair():
     for i in range(400):
         for q in world.sample(i).questions():
             assert not any(n in q.question or n in q.answer for n in named), q
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts taken apart into questions (Harmon.score(method="questions"))
+
+
+def test_prompt_questions_are_the_trained_wordings_and_true_of_scenes_that_show_the_prompt():
+    from harmon.data.shapeworld import prompt_questions
+    from harmon.eval.prompts import eval_prompts
+
+    world = ShapeWorld(size=64, seed=0)
+    kinds = Counter()
+    for spec in eval_prompts("all"):
+        checks = prompt_questions(spec.prompt)
+        assert checks, spec.prompt
+        shapes = {r.shape for r in spec.include}
+        assert sum(q.startswith("How many") for q, _ in checks) == len(shapes), spec.prompt
+        for k in range(2):
+            scene = world.scene_for_spec(spec, k)
+            trained = {qa.question: qa.answer for qa in scene.questions()}
+            for q, a in checks:
+                if q.startswith("Is there"):  # asked of a scene only when drawn for POPE
+                    assert any(f"Is there {noun_phrase(o.shape, o.color)} in the image?" == q
+                               for o in scene.objects), (spec.prompt, q)
+                    assert a == "yes"
+                else:  # counts and colours of shapes met once: every scene is asked them
+                    assert trained[f"{q}\n{SHORT_ANSWER_PROMPT}"] == a, (spec.prompt, q, a)
+                kinds[q.split()[0]] += k == 0
+    assert kinds["How"] > 0 and kinds["Is"] > 0 and kinds["What"] > 0
+
+
+def test_prompt_questions_leave_other_texts_alone():
+    from harmon.data.shapeworld import prompt_questions
+
+    assert prompt_questions("three circles") == [("How many circles are there in the image?",
+                                                  "three")]
+    assert prompt_questions("A red circle and a red square.") == [
+        ("How many circles are there in the image?", "one"),
+        ("How many squares are there in the image?", "one"),
+        ("Is there a red circle in the image?", "yes"), ("What color is the circle?", "red"),
+        ("Is there a red square in the image?", "yes"), ("What color is the square?", "red")]
+    # the same shape named twice is counted once, its colour not asked (two circles to ask about)
+    assert prompt_questions("a red circle above a blue circle") == [
+        ("How many circles are there in the image?", "two"),
+        ("Is there a red circle in the image?", "yes"), ("Is there a blue circle in the image?", "yes")]
+    for text in ("a photo of a cat", "seven circles", "a circles", "two circle", "a pink circle",
+                 "a circle and", "", "a, b, c and d circles"):
+        assert prompt_questions(text) is None, text

@@ -105,19 +105,24 @@ def test_info_and_static_files(server):
 
 
 def test_requests_default_to_the_models_own_sampling(server, tiny_harmon, monkeypatch):
-    """A request naming no cfg / temperature gets the model's (config.json "sampling"), unless
-    harmon serve set the page's cfg; /api/info shows the page what it will get."""
+    """A request naming no cfg / temperature / candidates gets the model's (config.json
+    "sampling"), unless harmon serve set the page's cfg; /api/info shows the page what it will
+    get."""
     from harmon.web.server import ServerSettings, parse_generate
 
     monkeypatch.setitem(tiny_harmon.sampling, "temperature", 0.8)
     monkeypatch.setitem(tiny_harmon.sampling, "cfg", 2.0)
+    monkeypatch.setitem(tiny_harmon.sampling, "candidates", 3)
     req = parse_generate({"prompt": "a red circle"}, tiny_harmon, ServerSettings())
-    assert (req.cfg, req.temperature) == (2.0, 0.8)
+    assert (req.cfg, req.temperature, req.candidates) == (2.0, 0.8, 3)
+    # a server whose limit is below the model's own gets its limit, not an error
+    req = parse_generate({"prompt": "a red circle"}, tiny_harmon, ServerSettings(max_candidates=2))
+    assert req.candidates == 2
     req = parse_generate({"prompt": "a red circle", "temperature": 1.0}, tiny_harmon,
                          ServerSettings(cfg=4.0))
     assert (req.cfg, req.temperature) == (4.0, 1.0)
     defaults = call(server, "/api/info")[1]["defaults"]  # a server given no cfg of its own
-    assert (defaults["cfg"], defaults["temperature"]) == (2.0, 0.8)
+    assert (defaults["cfg"], defaults["temperature"], defaults["candidates"]) == (2.0, 0.8, 3)
 
 
 def test_generate_streams_previews_then_the_images(server, tiny_harmon):

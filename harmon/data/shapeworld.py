@@ -177,6 +177,62 @@ def noun_phrase(shape: str, color: str | None = None, count: int = 1) -> str:
     return f"{head} {' '.join(words)}"
 
 
+_COUNT_WORDS = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items() if n > 0}}
+_PLURALS = {p: s for s, p in SHAPES.items()}
+
+
+def _phrase_objects(phrase: str) -> tuple[str, str | None, int] | None:
+    """'three red squares' -> ("square", "red", 3); None outside the caption grammar."""
+    words = phrase.split()
+    if len(words) not in (2, 3) or words[0] not in _COUNT_WORDS:
+        return None
+    n, color, noun = _COUNT_WORDS[words[0]], (words[1] if len(words) == 3 else None), words[-1]
+    shape = noun if n == 1 else _PLURALS.get(noun)
+    if shape not in SHAPES or (color is not None and color not in COLORS):
+        return None
+    return shape, color, n
+
+
+def prompt_questions(text: str) -> list[tuple[str, str]] | None:
+    """The questions an image that shows ``text`` answers, with their answers, in the wordings of
+    :meth:`Scene.questions` (without the answer instruction); None where ``text`` is not a prompt
+    of the caption grammar: one to three noun phrases joined by "and" (or ", "), or two by a
+    relation ("a red circle to the left of two squares").
+
+    Asked: how many of each named shape there are, whether each coloured one is there, and the
+    colour of each shape named once. Relations are not asked: what a relation question gets
+    from a model is not yet evidence (the shipped model answers them at chance).
+
+        >>> prompt_questions("three circles")
+        [('How many circles are there in the image?', 'three')]
+    """
+    t = " ".join(text.lower().strip().rstrip(".").split())
+    parts = None
+    for phrase in RELATIONS.values():
+        halves = t.split(f" {phrase} ")
+        if len(halves) == 2:
+            parts = halves
+            break
+    if parts is None:
+        parts = [p for chunk in t.split(" and ") for p in chunk.split(", ")]
+    objects = [_phrase_objects(p) for p in parts]
+    if not 1 <= len(objects) <= 3 or any(o is None for o in objects):
+        return None
+    counts: dict[str, int] = {}
+    for shape, _, n in objects:
+        counts[shape] = counts.get(shape, 0) + n
+    if max(counts.values()) > max(NUMBER_WORDS):
+        return None
+    checks = [(f"How many {SHAPES[s]} are there in the image?", NUMBER_WORDS[n])
+              for s, n in counts.items()]
+    for shape, color, n in objects:
+        if color is not None:
+            checks.append((f"Is there {noun_phrase(shape, color)} in the image?", "yes"))
+            if counts[shape] == 1:
+                checks.append((f"What color is the {shape}?", color))
+    return checks
+
+
 # ----------------------------------------------------------------------------------------------------
 # Prompt specs (GenEval metadata)
 

@@ -101,6 +101,7 @@ def evaluate_understanding(model, n_images: int = 60, seed: int = 0, batch_size:
 
 def add_eval_model_command(subparsers) -> None:
     from ..cli import _add_model_args, examples
+    from ..understand import SCORE_METHODS
 
     p = subparsers.add_parser("model", help="generate and answer on ShapeWorld, then score",
                               **examples("harmon eval model --out runs/eval",
@@ -111,9 +112,12 @@ def add_eval_model_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the images (GenEval layout) and scores.json")
     p.add_argument("--mode", default="fast", choices=["fast", "reference"])
-    p.add_argument("--candidates", type=int, default=1,
-                   help="best of N images by the model's own score (harmon generate --candidates)")
-    p.add_argument("--rerank", default="yes", choices=["yes", "caption"])
+    p.add_argument("--candidates", type=int, default=None,
+                   help="best of N images by the model's own score (harmon generate --candidates; "
+                        "default: the model's, see harmon info)")
+    p.add_argument("--rerank", default=None, choices=SCORE_METHODS,
+                   help="how the model compares candidates (harmon generate --rerank; default: "
+                        "the model's, see harmon info)")
     p.add_argument("--refine", type=int, default=0,
                    help="rounds of self-correction per image (harmon generate --refine)")
     _add_model_args(p)
@@ -124,6 +128,10 @@ def _cmd_eval_model(args) -> int:
     from ..cli import _load
 
     model = _load(args)
+    if args.candidates is None:
+        args.candidates = model.sampling["candidates"]
+    if args.rerank is None:
+        args.rerank = model.sampling["rerank"]
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
     gen = evaluate_generation(model, args.samples, seed=args.seed,

@@ -22,6 +22,7 @@ from .. import checkpoints
 from ..checkpoints import CheckpointError
 from ..models.harmon import HarmonModel
 from ..pipeline import Harmon
+from ..understand import SCORE_METHODS
 
 LIMIT_MIB = 16
 
@@ -53,12 +54,13 @@ def replace_decoder(model: HarmonModel, vae_dir: str | Path) -> None:
 
 def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
          int8: bool = False, decoder: str | Path | None = None,
-         sampling: dict[str, float] | None = None) -> Path:
+         sampling: dict[str, float | int | str] | None = None) -> Path:
     """Write ``src`` (a model directory) to ``dst`` in ``dtype`` (``int8``: its weight matrices
     in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note;
     ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's;
-    ``sampling``: the cfg / temperature ``generate`` uses by default with these weights (e.g.
-    ``{"temperature": 0.8}``, as measured by ``benchmarks/guidance_sweep.py``)."""
+    ``sampling``: the cfg / temperature / candidates / rerank ``generate`` uses by default with
+    these weights (e.g. ``{"temperature": 0.8}``, as measured by ``benchmarks/guidance_sweep.py``,
+    or ``{"candidates": 2, "rerank": "questions"}``, by ``benchmarks/self_rerank.py``)."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
     model.sampling.update(checkpoints.check_sampling(sampling or {}))
     notes = [model.provenance] if model.provenance else []
@@ -88,10 +90,16 @@ if __name__ == "__main__":
                         "with these weights (default: the source's, else the paper's 3)")
     parser.add_argument("--temperature", type=float, help="the head temperature generate uses by "
                         "default with these weights (default: the source's, else the paper's 1)")
+    parser.add_argument("--candidates", type=int, help="images generate draws per image kept "
+                        "by default with these weights, keeping the one the model reads as most "
+                        "like the prompt (default: the source's, else 1)")
+    parser.add_argument("--rerank", choices=SCORE_METHODS, help="how generate reads the "
+                        "candidates by default (default: the source's, else yes)")
     args = parser.parse_args()
     try:
         ship(args.src, args.dst, int8=args.int8, decoder=args.decoder,
-             sampling={k: v for k, v in (("cfg", args.cfg), ("temperature", args.temperature))
-                       if v is not None})
+             sampling={k: v for k, v in (("cfg", args.cfg), ("temperature", args.temperature),
+                                         ("candidates", args.candidates),
+                                         ("rerank", args.rerank)) if v is not None})
     except (OSError, ValueError) as e:  # bad paths or a decoder that does not fit: say which
         parser.error(str(e))

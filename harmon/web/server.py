@@ -186,7 +186,9 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         steps=_number(body, "steps", min(settings.steps, h * w), 1, h * w, True),
         size=size, cfg_schedule=schedule,
         temperature=_number(body, "temperature", model.sampling["temperature"], 1e-3, 10.0, False),
-        candidates=_number(body, "candidates", 1, 1, settings.max_candidates, True),
+        candidates=_number(body, "candidates", min(model.sampling["candidates"],
+                                                   settings.max_candidates),
+                           1, settings.max_candidates, True),
         refine=_number(body, "refine", 0, 0, settings.max_refine, True))
 
 
@@ -383,7 +385,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
         info["warning"] = None if model.trained else \
             "random weights: images and answers are noise until trained weights are loaded"
         info["defaults"] = {"n": 1, "seed": 0, "cfg": page_cfg(model, s), "steps": s.steps,
-                            "temperature": model.sampling["temperature"], "candidates": 1,
+                            "temperature": model.sampling["temperature"],
+                            "candidates": min(model.sampling["candidates"], s.max_candidates),
                             "refine": 0, "size": s.size or model.cfg.image_size}
         info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates,
                           "max_refine": s.max_refine, "max_body_bytes": s.max_body_bytes,
