@@ -114,7 +114,9 @@ def cmd_generate(args) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(path)
-    print(f"{total} image(s) in {time.perf_counter() - t0:.1f}s with {model.name}",
+    best = args.candidates or model.sampling["candidates"]
+    picked = f", each the best of {best} by its own reading" if best > 1 else ""
+    print(f"{total} image(s) in {time.perf_counter() - t0:.1f}s with {model.name}{picked}",
           file=sys.stderr)
     return 0
 

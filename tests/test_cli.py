@@ -25,7 +25,7 @@ def test_generate_writes_images(tmp_path, capsys):
     assert "random weights" in err and "4 image(s)" in err
 
 
-def test_generate_best_of_candidates(tmp_path):
+def test_generate_best_of_candidates(tmp_path, capsys):
     from harmon import Harmon
 
     out = tmp_path / "best.png"
@@ -33,6 +33,8 @@ def test_generate_best_of_candidates(tmp_path):
                  "-o", str(out), "--checkpoint", "tiny", "-q"]) == 0
     want = Harmon.from_pretrained("tiny").generate("a red circle", steps=3, seed=2, candidates=3)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want[0]))
+    assert "with tiny (random weights), each the best of 3 by its own reading" in \
+        capsys.readouterr().err
     assert main(["generate", "x", "--candidates", "0", "-o", str(tmp_path / "no.png"),
                  "--checkpoint", "tiny", "-q"]) == 2
     assert not (tmp_path / "no.png").exists()
