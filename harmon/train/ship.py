@@ -60,7 +60,7 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
     ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's;
     ``sampling``: the cfg / temperature / candidates / rerank ``generate`` uses by default with
     these weights (e.g. ``{"temperature": 0.8}``, as measured by ``benchmarks/guidance_sweep.py``,
-    or ``{"candidates": 2, "rerank": "questions"}``, by ``benchmarks/self_rerank.py``)."""
+    or ``{"candidates": 2}``, by ``benchmarks/self_rerank.py``)."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
     model.sampling.update(checkpoints.check_sampling(sampling or {}))
     notes = [model.provenance] if model.provenance else []

@@ -161,6 +161,11 @@ def page_cfg(model, settings: ServerSettings) -> float:
     return settings.cfg if settings.cfg is not None else model.sampling["cfg"]
 
 
+def page_candidates(model, settings: ServerSettings) -> int:
+    """The draws per image a request gets when it names none: the model's, within the limit."""
+    return min(model.sampling["candidates"], settings.max_candidates)
+
+
 def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateRequest:
     """Check a /api/generate body; every problem is a 400 naming the field and the bad value."""
     prompt = body.get("prompt")
@@ -186,9 +191,8 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         steps=_number(body, "steps", min(settings.steps, h * w), 1, h * w, True),
         size=size, cfg_schedule=schedule,
         temperature=_number(body, "temperature", model.sampling["temperature"], 1e-3, 10.0, False),
-        candidates=_number(body, "candidates", min(model.sampling["candidates"],
-                                                   settings.max_candidates),
-                           1, settings.max_candidates, True),
+        candidates=_number(body, "candidates", page_candidates(model, settings), 1,
+                           settings.max_candidates, True),
         refine=_number(body, "refine", 0, 0, settings.max_refine, True))
 
 
@@ -386,7 +390,7 @@ class HarmonHandler(BaseHTTPRequestHandler):
             "random weights: images and answers are noise until trained weights are loaded"
         info["defaults"] = {"n": 1, "seed": 0, "cfg": page_cfg(model, s), "steps": s.steps,
                             "temperature": model.sampling["temperature"],
-                            "candidates": min(model.sampling["candidates"], s.max_candidates),
+                            "candidates": page_candidates(model, s),
                             "refine": 0, "size": s.size or model.cfg.image_size}
         info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates,
                           "max_refine": s.max_refine, "max_body_bytes": s.max_body_bytes,
