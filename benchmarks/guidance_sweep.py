@@ -38,8 +38,8 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], sam
           refine_steps: int = REFINE_STEPS, candidates: int = 1) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
     seconds per image, each image the best of ``candidates`` draws by the model's own reading
-    (default 1: the generator alone). ``on_row(rows)`` is called after each row (the CLI rewrites its JSON
-    there, so a sweep stopped half-way keeps the rows it measured)."""
+    (default 1: the generator alone). ``on_row(rows)`` is called after each row (the CLI
+    rewrites its JSON there, so a sweep stopped half-way keeps the rows it measured)."""
     rows = []
     for cfg, schedule, temperature, steps, refine in settings:
         t0 = time.perf_counter()
