@@ -10,6 +10,7 @@ import math
 import re
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,10 @@ from PIL import Image
 from harmon.data import (COLOR_NAMES, HELDOUT_PAIRS, MAX_OBJECTS, SHAPE_NAMES, ObjectReq, PromptSpec,
                          ShapeWorld, ShapeWorldT2I, ShapeWorldVQA)
 from harmon.data.export import add_export_command
-from harmon.data.shapes import RELATIONS, SHAPES, article, circumradius, clear_relation
-from harmon.data.shapeworld import (SHORT_ANSWER_PROMPT, QA, Scene, ShapeObject, noun_phrase,
-                                    question_wordings)
+from harmon.data.shapes import (COLORS, NUMBER_WORDS, RELATIONS, SHAPES, article, circumradius,
+                               clear_relation)
+from harmon.data.shapeworld import (FLAW_KINDS, SHORT_ANSWER_PROMPT, QA, Flaw, Scene, ShapeObject,
+                                    noun_phrase, question_wordings)
 
 
 @pytest.fixture(scope="module")
@@ -591,3 +593,84 @@ def test_prompt_questions_leave_other_texts_alone():
     for text in ("a photo of a cat", "seven circles", "a circles", "two circle", "a pink circle",
                  "a circle and", "", "a, b, c and d circles"):
         assert prompt_questions(text) is None, text
+
+
+def test_flawed_scene_draws_the_object_wrong_and_leaves_it_out_of_every_answer():
+    """ShapeWorld.flawed moves one object of a scene of two or more to ``flaws``: it is still
+    drawn (blended into a far colour, or fused with a shifted copy), but captions and answers are
+    those of the objects drawn right, the flawed object is asked about with the count and
+    existence its right objects give, and what a flaw leaves unclear is not asked."""
+    world = ShapeWorld(size=64, seed=5)
+    kinds = Counter()
+    for i in range(120):
+        scene = world.sample(i)
+        bad = world.flawed(scene)
+        if len(scene.objects) == 1:
+            assert bad is scene
+            continue
+        assert bad == world.flawed(scene)  # deterministic
+        (flaw,) = bad.flaws
+        kinds[flaw.kind] += 1
+        assert len(bad.objects) == len(scene.objects) - 1 and bad.relation is None
+        assert sorted(bad.objects + (flaw.obj,), key=id) == sorted(scene.objects, key=id)
+        qa = bad.questions()
+        answers = {q.question.partition("\n")[0]: q.answer for q in qa}
+        shape, color = flaw.obj.shape, flaw.obj.color
+        right = [o for o in bad.objects if o.shape == shape]
+        assert answers[f"How many {SHAPES[shape]} are there in the image?"] == NUMBER_WORDS[len(right)]
+        # a blob is still an object, and a blend shares colours: those questions are not asked
+        assert "How many objects are there in the image?" not in answers
+        assert not {q.qtype for q in qa} & {"shape", "caption"}
+        if flaw.kind == "blend":
+            assert np.linalg.norm(np.subtract(flaw.other_rgb, COLORS[color])) > 120
+        named = f"Is there {noun_phrase(shape, color)} in the image?"
+        assert answers[named] == ("yes" if any(o.color == color for o in right) else "no")
+        assert bad.captions["short"] == replace(bad, flaws=()).captions["short"]
+        # drawn: the flawed object's pixels differ from the scene without it
+        a = bad.render_array().astype(int)
+        b = replace(bad, flaws=()).render_array().astype(int)
+        x0, y0, x1, y1 = (int(v * 64) for v in flaw.obj.bbox)
+        assert np.abs(a - b)[y0:y1 + 1, x0:x1 + 1].sum(-1).max() > 60
+        assert bad.to_dict()["flaws"][0]["kind"] == flaw.kind
+    assert set(kinds) == set(FLAW_KINDS) and min(kinds.values()) > 20
+
+
+def test_flaws_look_as_named():
+    """A blended object holds both its colour and the other one; a fused object covers more
+    pixels than the object drawn right."""
+    obj = ShapeObject("square", "red", 0.5, 0.5, 0.4, COLORS["red"])
+    clean = Scene(64, (obj,), "black", (0, 0, 0), 0.0, 1, "single")
+    blend = Scene(64, (), "black", (0, 0, 0), 0.0, 1, "single",
+                  flaws=(Flaw(obj, "blend", 0.0, 0.0, COLORS["blue"]),))
+    px = blend.render_array().reshape(-1, 3).astype(int)
+    near = lambda rgb: (np.abs(px - np.asarray(rgb)).sum(1) < 40).sum()  # noqa: E731
+    assert near(COLORS["red"]) > 60 and near(COLORS["blue"]) > 60
+    fuse = Scene(64, (), "black", (0, 0, 0), 0.0, 1, "single",
+                 flaws=(Flaw(obj, "fuse", 0.7, 0.8),))
+    covered = lambda s: (s.render_array().sum(-1) > 100).sum()  # noqa: E731
+    assert covered(fuse) > 1.2 * covered(clean)
+
+
+def test_flaw_prob_flaws_that_share_of_the_vqa_stream_only():
+    """flaw_prob flaws about that share of the VQA scenes of two or more objects (the same ones
+    every time), never the text-to-image stream; 0 leaves the stream as it was; bad values are
+    refused by name."""
+    plain, flawed = ShapeWorld(size=64, seed=6), ShapeWorld(size=64, seed=6, flaw_prob=0.5)
+    many = [i for i in range(300) if len(plain.sample(i).objects) > 1]
+    share = np.mean([bool(flawed.vqa_scene(i).flaws) for i in many])
+    assert 0.4 < share < 0.6
+    assert all(plain.vqa_scene(i) == plain.sample(i) for i in range(50))
+    i = next(i for i in many if flawed.vqa_scene(i).flaws)
+    assert flawed.vqa_item(i)["conversations"] == flawed.vqa_item(i)["conversations"]
+    assert np.array_equal(flawed.vqa_item(i, as_numpy=True)["image"],
+                          flawed.vqa_scene(i).render_array())
+    assert np.array_equal(flawed.t2i_item(i, as_numpy=True)["image"], plain.sample(i).render_array())
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match="flaw_prob must be a number in"):
+            ShapeWorld(flaw_prob=bad)
+    # one object drawn right beside a blob is not asked "What shape is in the image?"
+    worded = ShapeWorld(size=64, seed=6, flaw_prob=1.0, paraphrase=True,
+                        kind_weights={"pair": 1.0})
+    asked = [h["value"] for i in range(40) for h in worded.conversation_for(i, turns=3)[0][::2]]
+    assert not any("What shape is in the image?" in q or "What color is the object?" in q
+                   for q in asked)

@@ -500,3 +500,22 @@ def test_full_mask_prob_masks_every_token_of_a_share_of_training_batches(tmp_pat
         tiny_config(tmp_path, overrides=["model.full_mask_prob=1.5"])
     with pytest.raises(ValueError, match="full_mask_prob must lie in"):
         MARConfig(full_mask_prob=-0.1)
+
+
+def test_flaw_prob_reaches_the_shapeworld_vqa_source(tmp_path):
+    """data.sources.N.flaw_prob builds a world whose VQA scenes are flawed that often; it is
+    refused on a t2i source and outside [0, 1]."""
+    from harmon.train.data import build_source
+
+    f = tmp_path / "c.toml"
+    f.write_text((CONFIGS / "shapeworld_stage2.toml").read_text())
+    cfg = load_config(f, ["data.sources.1.flaw_prob=0.5"])
+    sc = cfg.data.sources[1]
+    assert sc.task == "i2t" and sc.flaw_prob == 0.5
+    assert load_config(None, base=tomllib.loads(dump_toml(cfg))) == cfg
+    assert build_source(sc, 64, 0).world.flaw_prob == 0.5
+    assert build_source(load_config(f).data.sources[1], 64, 0).world.flaw_prob == 0
+    with pytest.raises(ValueError, match="flaw_prob applies to shapeworld i2t sources only"):
+        load_config(f, ["data.sources.0.flaw_prob=0.5"])
+    with pytest.raises(ValueError, match=r"flaw_prob must be a number in \[0, 1\]"):
+        load_config(f, ["data.sources.1.flaw_prob=2"])

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -75,6 +75,15 @@ DEFAULT_STYLE_WEIGHTS: dict[str, float] = {"short": 0.35, "plain": 0.2, "positio
 #: Question types of the VQA stream and their default probabilities.
 DEFAULT_QTYPE_WEIGHTS: dict[str, float] = {"pope": 0.35, "count": 0.15, "color": 0.12, "shape": 0.12,
                                            "position": 0.14, "caption": 0.12}
+
+#: How an object of a flawed scene (:meth:`ShapeWorld.flawed`) is drawn wrong, after the faults of a
+#: generator's drafts: ``blend``, its colour turns into another across it; ``fuse``, it is merged
+#: with a copy of itself shifted by about half its size, a blob of no shape.
+FLAW_KINDS: tuple[str, ...] = ("blend", "fuse")
+
+#: A blended object turns into a colour at least this far (RGB distance) from its own: red into
+#: blue, not into orange, whose blend a reader cannot tell from a jittered red.
+FLAW_MIN_COLOR_DISTANCE = 150.0
 
 #: LLaVA-1.5's instruction for short answers, appended to every non-caption question.
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
@@ -431,6 +440,71 @@ class ShapeObject:
 
 
 @dataclass(frozen=True)
+class Flaw:
+    """An object drawn wrong, as a generator's draft may draw it: not one shape of one colour.
+
+    A scene's questions and captions leave flawed objects out (they are not a shape the world's
+    vocabulary names), so a reader trained on flawed scenes learns not to count them.
+
+    Attributes:
+        obj: the object as it should have been drawn.
+        kind: one of :data:`FLAW_KINDS`.
+        angle: direction (radians, image axes) of the colour change or of the shift.
+        amount: ``blend``: where the colour changes, in radii from the centre along ``angle``;
+            ``fuse``: the distance between the two copies, in radii.
+        other_rgb: ``blend``: the colour it turns into.
+    """
+
+    obj: ShapeObject
+    kind: str
+    angle: float
+    amount: float
+    other_rgb: tuple[int, int, int] = (0, 0, 0)
+
+    def draw(self, img: np.ndarray) -> None:
+        """Paint the flawed object onto ``img`` ((S, S, 3) float32, modified in place)."""
+        s = img.shape[0]
+        o, (c, n) = self.obj, (math.cos(self.angle), math.sin(self.angle))
+        r = o.diameter * s / 2
+        if self.kind == "fuse":
+            d = self.amount * r / 2
+            for sign in (-1, 1):
+                _paint(img, o.shape, o.x * s + sign * c * d, o.y * s + sign * n * d, r, o.rgb)
+            return
+        alpha, y0, x0 = shape_alpha(o.shape, o.x * s, o.y * s, r, s, s)
+        if alpha.size == 0:
+            return
+        h, w = alpha.shape
+        yy, xx = np.mgrid[y0:y0 + h, x0:x0 + w].astype(np.float32) + 0.5
+        along = ((xx - o.x * s) * c + (yy - o.y * s) * n) / r
+        # a soft edge about a third of a radius wide, as the drafts' colour changes are
+        mix = 1 / (1 + np.exp(-(along - self.amount) / 0.12))
+        rgb = ((1 - mix)[..., None] * np.asarray(o.rgb, np.float32)
+               + mix[..., None] * np.asarray(self.other_rgb, np.float32))
+        patch = img[y0:y0 + h, x0:x0 + w]
+        patch += alpha[..., None] * (rgb - patch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"object": self.obj.to_dict(), "kind": self.kind, "angle": round(self.angle, 5),
+                "amount": round(self.amount, 5), "other_rgb": list(self.other_rgb)}
+
+
+def _rgb_distance(a: str, b: str) -> float:
+    return float(np.linalg.norm(np.subtract(COLORS[a], COLORS[b])))
+
+
+def _paint(img: np.ndarray, shape: str, cx: float, cy: float, radius: float,
+           rgb: tuple[int, int, int]) -> None:
+    """Composite one flat-coloured shape (centre and radius in pixels) onto ``img`` in place."""
+    alpha, y0, x0 = shape_alpha(shape, cx, cy, radius, img.shape[0], img.shape[1])
+    if alpha.size == 0:
+        return
+    h, w = alpha.shape
+    patch = img[y0:y0 + h, x0:x0 + w]
+    patch += alpha[..., None] * (np.asarray(rgb, np.float32) - patch)
+
+
+@dataclass(frozen=True)
 class QA:
     """One question with its exact answer.
 
@@ -438,7 +512,8 @@ class QA:
         question: the question text (with :data:`SHORT_ANSWER_PROMPT` where a short answer is wanted).
         answer: the answer, lower case ('yes', 'no', 'red', 'circle', 'three', 'left of'...).
         qtype: 'pope', 'count', 'color', 'shape', 'position' or 'caption'.
-        split: for POPE, the negative sampling: 'random', 'popular' or 'adversarial'; else None.
+        split: for POPE, the negative sampling: 'random', 'popular' or 'adversarial' (or 'flaw':
+            a flawed object named, see :class:`Flaw`); else None.
     """
 
     question: str
@@ -469,6 +544,7 @@ class Scene:
         kind: 'single', 'pair', 'count', 'multi' (training kinds) or 'spec' (from a PromptSpec).
         relation: ``(i, relation, j)``: objects[i] is ``relation`` objects[j], clearly; or None.
         index, seed: where the scene comes from (``-1`` when built from a spec).
+        flaws: objects drawn wrong (:class:`Flaw`), in the image but in no caption or answer.
     """
 
     size: int
@@ -481,6 +557,7 @@ class Scene:
     relation: tuple[int, str, int] | None = None
     index: int = -1
     seed: int = 0
+    flaws: tuple[Flaw, ...] = ()
 
     # -- pixels --------------------------------------------------------------------------------------
 
@@ -489,12 +566,9 @@ class Scene:
         s = self.size
         img = make_background(s, self.background_rgb, self.texture, np.random.default_rng(self.noise_seed))
         for o in self.objects:
-            alpha, y0, x0 = shape_alpha(o.shape, o.x * s, o.y * s, o.diameter * s / 2, s, s)
-            if alpha.size == 0:
-                continue
-            h, w = alpha.shape
-            patch = img[y0:y0 + h, x0:x0 + w]
-            patch += alpha[..., None] * (np.asarray(o.rgb, np.float32) - patch)
+            _paint(img, o.shape, o.x * s, o.y * s, o.diameter * s / 2, o.rgb)
+        for f in self.flaws:
+            f.draw(img)
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
     def render(self) -> Image.Image:
@@ -634,8 +708,31 @@ class Scene:
                 opp = RELATIONS[OPPOSITE_RELATION[rel]]
                 qa.append(QA(_short(f"Is the {ri} {opp} the {rj}?"), "no", "position"))
 
+        if self.flaws:
+            # A blob is still an object, and its colour may be another object's: only what the
+            # flaw leaves exact is asked, and what it is about (its shape, its colour) is added.
+            return [q for q in qa if q.qtype in ("pope", "count", "color", "position")
+                    and not q.question.startswith("How many objects")] + self._flaw_questions(qa)
         qa.append(QA("Describe the image in detail.", self.captions["detailed"], "caption"))
         qa.append(QA("Describe the image briefly.", self.captions["short"], "caption"))
+        return qa
+
+    def _flaw_questions(self, asked: Sequence[QA]) -> list[QA]:
+        """What a flawed object is asked: its shape counted and it named with its colour, both
+        answered from the objects drawn right ('zero', 'no' where none is): POPE split 'flaw'."""
+        seen = {q.question for q in asked}
+        qa = []
+        for f in self.flaws:
+            s, c = f.obj.shape, f.obj.color
+            n = sum(o.shape == s for o in self.objects)
+            there = any(o.shape == s and o.color == c for o in self.objects)
+            for q in (QA(_short(f"How many {SHAPES[s]} are there in the image?"), NUMBER_WORDS[n],
+                         "count"),
+                      QA(_short(f"Is there {noun_phrase(s, c)} in the image?"),
+                         "yes" if there else "no", "pope", "flaw")):
+                if q.question not in seen:
+                    seen.add(q.question)
+                    qa.append(q)
         return qa
 
     def specs(self) -> list[PromptSpec]:
@@ -675,7 +772,8 @@ class Scene:
         return {"index": self.index, "seed": self.seed, "size": self.size, "kind": self.kind,
                 "objects": [o.to_dict() for o in self.objects], "background": self.background,
                 "background_rgb": list(self.background_rgb), "texture": round(self.texture, 4),
-                "relation": list(self.relation) if self.relation else None, "captions": self.captions}
+                "relation": list(self.relation) if self.relation else None, "captions": self.captions,
+                **({"flaws": [f.to_dict() for f in self.flaws]} if self.flaws else {})}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -710,6 +808,10 @@ class ShapeWorld:
             (:func:`question_wordings`), and give single-object scenes the open questions "What
             shape is in the image?" and "What color is the object?". A knob against answers that
             hang on one phrasing; scenes and captions are unchanged.
+        flaw_prob: in the VQA stream, the probability that a scene of two or more objects has one
+            of them drawn wrong (:meth:`flawed`): its colours blended or it fused into a blob, and
+            left out of every answer. A knob that teaches a reader the faults of a generator's
+            drafts, so that the model's own reading can pick between them.
     """
 
     size: int = 128
@@ -723,6 +825,7 @@ class ShapeWorld:
     pair_order: bool = False
     and_horizontal: bool = False
     paraphrase: bool = False
+    flaw_prob: float = 0.0
 
     def __post_init__(self):
         self.size = check_size(self.size)
@@ -737,6 +840,9 @@ class ShapeWorld:
             raise ValueError(f"and_horizontal must be true or false, got {self.and_horizontal!r}")
         if not isinstance(self.paraphrase, bool):
             raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
+        if (isinstance(self.flaw_prob, bool) or not isinstance(self.flaw_prob, (int, float))
+                or not 0 <= self.flaw_prob <= 1):
+            raise ValueError(f"flaw_prob must be a number in [0, 1], got {self.flaw_prob!r}")
         if not 0 <= self.color_jitter <= 40:
             raise ValueError(f"color_jitter {self.color_jitter} must lie in 0..40 (larger jitter "
                              "would let neighbouring named colours overlap)")
@@ -813,6 +919,41 @@ class ShapeWorld:
 
     __getitem__ = sample
 
+    def flawed(self, scene: Scene) -> Scene:
+        """``scene`` with one object drawn wrong (a :class:`Flaw`), deterministic in the scene.
+
+        One object (of a scene of two or more; scenes of one are returned as they are) is moved
+        from ``objects`` to ``flaws``: with equal odds its colour blends into another named colour
+        across it (a colour far from its own, :data:`FLAW_MIN_COLOR_DISTANCE`, the change 0.25
+        radii or less from its centre, so both cover a good part of it) or it is fused with a copy
+        of itself 0.8-1.2 radii away. Flaws are drawn plain to see: a flaw a reader cannot see
+        would teach it to undercount. The relation is dropped, since it may name the flawed
+        object.
+        """
+        if len(scene.objects) < 2:
+            return scene
+        rng = np.random.default_rng([scene.noise_seed, 23])
+        k = int(rng.integers(len(scene.objects)))
+        obj = scene.objects[k]
+        kind = FLAW_KINDS[int(rng.integers(len(FLAW_KINDS)))]
+        angle = float(rng.uniform(0, 2 * math.pi))
+        if kind == "blend":
+            others = [c for c in COLOR_NAMES if _rgb_distance(c, obj.color) > FLAW_MIN_COLOR_DISTANCE]
+            flaw = Flaw(obj, kind, angle, float(rng.uniform(-0.25, 0.25)),
+                        self._rgb(rng, others[int(rng.integers(len(others)))]))
+        else:
+            flaw = Flaw(obj, kind, angle, float(rng.uniform(0.8, 1.2)))
+        rest = scene.objects[:k] + scene.objects[k + 1:]
+        return replace(scene, objects=rest, relation=None, flaws=scene.flaws + (flaw,))
+
+    def vqa_scene(self, index: int) -> Scene:
+        """Scene ``index`` as the VQA stream shows it: flawed (:meth:`flawed`) with probability
+        :attr:`flaw_prob` (generator ``[seed, index, 4]``), else :meth:`sample`'s."""
+        scene = self.sample(index)
+        if self.flaw_prob and np.random.default_rng([self.seed, int(index), 4]).random() < self.flaw_prob:
+            return self.flawed(scene)
+        return scene
+
     def scene_for_spec(self, spec: PromptSpec | Mapping[str, Any], index: int = 0) -> Scene:
         """A scene satisfying ``spec`` exactly (reference images for evaluation).
 
@@ -876,10 +1017,10 @@ class ShapeWorld:
                            "question type")
         if turns < 1:
             raise ValueError(f"turns must be >= 1, got {turns}")
-        scene = scene if scene is not None else self.sample(index)
+        scene = scene if scene is not None else self.vqa_scene(index)
         rng = np.random.default_rng([self.seed, int(index), 2])
         pool = scene.questions()
-        if self.paraphrase and len(scene.objects) == 1:
+        if self.paraphrase and len(scene.objects) == 1 and not scene.flaws:
             pool += [QA(_short(q), getattr(scene.objects[0], attr), attr)
                      for q, attr in SINGLE_OBJECT_QUESTIONS.items()]
         wording_rng = np.random.default_rng([self.seed, int(index), 3])
@@ -919,7 +1060,7 @@ class ShapeWorld:
                  as_numpy: bool = False) -> dict[str, Any]:
         """``{"index", "image", "conversations", "qtypes"}`` for scene ``index`` (see
         :meth:`conversation_for`)."""
-        scene = self.sample(index)
+        scene = self.vqa_scene(index)
         conv, qtypes = self.conversation_for(index, scene, qtype_weights, turns)
         image = scene.render_array() if as_numpy else scene.render()
         return {"index": int(index), "image": image, "conversations": conv, "qtypes": qtypes}

@@ -126,6 +126,9 @@ class SourceConfig:
     # shapeworld i2t: ask half of the questions in other wordings
     # (harmon.data.shapeworld.ShapeWorld.paraphrase)
     paraphrase: bool = False
+    # shapeworld i2t: the share of scenes with one object drawn wrong and left out of the answers
+    # (harmon.data.shapeworld.ShapeWorld.flaw_prob): teaches the reader a draft's faults
+    flaw_prob: float = 0.0
 
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
@@ -167,6 +170,13 @@ class SourceConfig:
         if self.paraphrase and (self.kind, self.task) != ("shapeworld", "i2t"):
             raise ValueError(f"paraphrase applies to shapeworld i2t sources only (it rewords "
                              f"questions), not to a {self.kind} {self.task} source")
+        if (isinstance(self.flaw_prob, bool) or not isinstance(self.flaw_prob, (int, float))
+                or not 0 <= self.flaw_prob <= 1):
+            raise ValueError(f"flaw_prob must be a number in [0, 1], got {self.flaw_prob!r}")
+        if self.flaw_prob and (self.kind, self.task) != ("shapeworld", "i2t"):
+            raise ValueError(f"flaw_prob applies to shapeworld i2t sources only (it draws the "
+                             f"scenes questions are asked of), not to a {self.kind} {self.task} "
+                             f"source")
 
 
 @dataclass

@@ -170,7 +170,8 @@ class ShapeWorldSource:
                  qtype_weights: dict[str, float] | None = None,
                  kind_weights: dict[str, float] | None = None,
                  style_weights: dict[str, float] | None = None, pair_order: bool = False,
-                 paraphrase: bool = False, and_horizontal: bool = False):
+                 paraphrase: bool = False, and_horizontal: bool = False,
+                 flaw_prob: float = 0.0):
         from ..data.shapeworld import DEFAULT_KIND_WEIGHTS, ShapeWorld
 
         self.task, self.turns, self.qtype_weights = task, turns, qtype_weights or None
@@ -178,7 +179,7 @@ class ShapeWorldSource:
         self.world = ShapeWorld(size=size, seed=seed,
                                 kind_weights=kind_weights or dict(DEFAULT_KIND_WEIGHTS),
                                 pair_order=pair_order, paraphrase=paraphrase,
-                                and_horizontal=and_horizontal)
+                                and_horizontal=and_horizontal, flaw_prob=flaw_prob)
 
     def num_items(self) -> int | None:
         return None  # endless
@@ -361,7 +362,7 @@ def build_source(sc: SourceConfig, image_size: int, run_seed: int):
     if sc.kind == "shapeworld":
         return ShapeWorldSource(sc.task, image_size, sc.seed, sc.turns, sc.qtype_weights,
                                 sc.kind_weights, sc.style_weights, sc.pair_order, sc.paraphrase,
-                                sc.and_horizontal)
+                                sc.and_horizontal, sc.flaw_prob)
     cls = {"jsonl": JsonlSource, "llava": LlavaSource, "webdataset": WebDatasetSource,
            "text": TextSource}[sc.kind]
     return cls(sc.path, sc.image_root)
