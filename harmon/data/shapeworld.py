@@ -12,6 +12,7 @@ Main entry points::
     scene.captions                      # {"short": "a red circle and a blue square", ...}
     scene.questions()                   # [QA(question, answer, qtype, split), ...]
     world.scene_for_spec(spec)          # a scene that satisfies a GenEval-style PromptSpec
+    world.flawed(scene)                 # one object drawn wrong, as a draft draws it (Flaw)
 
     ShapeWorldT2I(size=64, seed=0)      # IterableDataset of {"image", "caption", ...}
     ShapeWorldVQA(size=64, seed=0)      # IterableDataset of {"image", "conversations", ...}
