@@ -649,6 +649,8 @@ def test_flaws_look_as_named():
                  flaws=(Flaw(obj, "fuse", 0.7, 0.8),))
     covered = lambda s: (s.render_array().sum(-1) > 100).sum()  # noqa: E731
     assert covered(fuse) > 1.2 * covered(clean)
+    with pytest.raises(ValueError, match="unknown flaw kind 'melt'"):
+        Flaw(obj, "melt", 0.0, 0.5)
 
 
 def test_flaw_prob_flaws_that_share_of_the_vqa_stream_only():

@@ -462,6 +462,10 @@ class Flaw:
     amount: float
     other_rgb: tuple[int, int, int] = (0, 0, 0)
 
+    def __post_init__(self):
+        if self.kind not in FLAW_KINDS:
+            raise ValueError(f"unknown flaw kind {self.kind!r}; expected one of {list(FLAW_KINDS)}")
+
     def draw(self, img: np.ndarray) -> None:
         """Paint the flawed object onto ``img`` ((S, S, 3) float32, modified in place)."""
         s = img.shape[0]
