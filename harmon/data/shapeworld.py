@@ -166,6 +166,12 @@ def _check_weights(weights: Mapping[str, float], allowed: Sequence[str], what: s
     return w
 
 
+def _check_flaw_prob(p: Any) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"flaw_prob must be a number in [0, 1], got {p!r}")
+    return float(p)
+
+
 def _choice(rng: np.random.Generator, weights: Mapping[str, float]) -> str:
     keys = list(weights)
     p = np.asarray([weights[k] for k in keys], np.float64)
@@ -845,9 +851,7 @@ class ShapeWorld:
             raise ValueError(f"and_horizontal must be true or false, got {self.and_horizontal!r}")
         if not isinstance(self.paraphrase, bool):
             raise ValueError(f"paraphrase must be true or false, got {self.paraphrase!r}")
-        if (isinstance(self.flaw_prob, bool) or not isinstance(self.flaw_prob, (int, float))
-                or not 0 <= self.flaw_prob <= 1):
-            raise ValueError(f"flaw_prob must be a number in [0, 1], got {self.flaw_prob!r}")
+        _check_flaw_prob(self.flaw_prob)
         if not 0 <= self.color_jitter <= 40:
             raise ValueError(f"color_jitter {self.color_jitter} must lie in 0..40 (larger jitter "
                              "would let neighbouring named colours overlap)")

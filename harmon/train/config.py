@@ -170,9 +170,7 @@ class SourceConfig:
         if self.paraphrase and (self.kind, self.task) != ("shapeworld", "i2t"):
             raise ValueError(f"paraphrase applies to shapeworld i2t sources only (it rewords "
                              f"questions), not to a {self.kind} {self.task} source")
-        if (isinstance(self.flaw_prob, bool) or not isinstance(self.flaw_prob, (int, float))
-                or not 0 <= self.flaw_prob <= 1):
-            raise ValueError(f"flaw_prob must be a number in [0, 1], got {self.flaw_prob!r}")
+        sw._check_flaw_prob(self.flaw_prob)
         if self.flaw_prob and (self.kind, self.task) != ("shapeworld", "i2t"):
             raise ValueError(f"flaw_prob applies to shapeworld i2t sources only (it draws the "
                              f"scenes questions are asked of), not to a {self.kind} {self.task} "
