@@ -53,7 +53,8 @@ def main() -> None:
     for name in args.settings:
         t0 = time.perf_counter()
         summary = evaluate_generation(model, samples=args.samples, seed=0, progress=False,
-                                      limit=args.limit, candidates=1, **SETTINGS[name])
+                                      limit=args.limit, candidates=1, name_colors=False,
+                                      **SETTINGS[name])
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         cats = {k: round(v["accuracy"], 3) for k, v in summary["categories"].items()}

@@ -12,6 +12,7 @@ does; the time per image is measured on the same run (batches of 16 prompts).
     python benchmarks/guidance_sweep.py --checkpoint runs/X/final --limit 60 --out /tmp/sweep.json
     python benchmarks/guidance_sweep.py --cfg 3 --refine 0 3 --seed 1 \
         --out benchmarks/results/refine_seed1.json
+    python benchmarks/guidance_sweep.py --cfg 3 --candidates 2 --name-colors --seed 1  # defaults
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ HERE = Path(__file__).resolve().parent
 
 def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], samples: int,
           seed: int, limit: int | None, on_row=None, refine_fraction: float = REFINE_FRACTION,
-          refine_steps: int = REFINE_STEPS, candidates: int = 1) -> list[dict]:
+          refine_steps: int = REFINE_STEPS, candidates: int = 1,
+          name_colors: bool = False) -> list[dict]:
     """One row per ``(cfg, cfg_schedule, temperature, steps, refine)``: the judge's summary and
     seconds per image, each image the best of ``candidates`` draws by the model's own reading
-    (default 1: the generator alone). ``on_row(rows)`` is called after each row (the CLI
+    (default 1: the generator alone), the colours a prompt leaves free named when ``name_colors``
+    (default: the prompt as given). ``on_row(rows)`` is called after each row (the CLI
     rewrites its JSON there, so a sweep stopped half-way keeps the rows it measured)."""
     rows = []
     for cfg, schedule, temperature, steps, refine in settings:
@@ -46,12 +49,14 @@ def sweep(model: Harmon, settings: list[tuple[float, str, float, int, int]], sam
         summary = evaluate_generation(model, samples=samples, seed=seed, limit=limit, progress=False,
                                       cfg=cfg, cfg_schedule=schedule, temperature=temperature,
                                       steps=steps, refine=refine, refine_fraction=refine_fraction,
-                                      refine_steps=refine_steps, candidates=candidates)
+                                      refine_steps=refine_steps, candidates=candidates,
+                                      name_colors=name_colors)
         seconds = time.perf_counter() - t0
         n = summary["images"] + summary.get("heldout", {}).get("images", 0)
         rows.append({"cfg": cfg, "cfg_schedule": schedule, "temperature": temperature, "steps": steps,
                      "refine": refine, "refine_fraction": refine_fraction,
                      "refine_steps": refine_steps, "candidates": candidates,
+                     "name_colors": name_colors,
                      "summary": summary, "images": n,
                      "seconds_per_image": seconds / max(n, 1)})
         print_row(rows[-1])
@@ -90,6 +95,10 @@ def main() -> None:
                    help="draws per image judged, the one the model reads as most like its prompt "
                         "kept (default 1: the generator alone, as in every sweep of "
                         "docs/shapeworld_log.md, whatever the model's own default)")
+    p.add_argument("--name-colors", action="store_true",
+                   help="name the colours a prompt leaves free (generate(name_colors=True); "
+                        "default: the prompt as given, as in every sweep before it, whatever the model's "
+                        "own default)")
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -111,7 +120,7 @@ def main() -> None:
 
     sweep(model, settings, args.samples, args.seed, args.limit, on_row=write,
           refine_fraction=args.refine_fraction, refine_steps=args.refine_steps,
-          candidates=args.candidates)
+          candidates=args.candidates, name_colors=args.name_colors)
     print(f"wrote {out}")
 
 

@@ -62,7 +62,7 @@ def measure(model: Harmon, per_place: int, seed: int, batch: int = 16) -> dict:
     images = []
     for k in range(0, len(items), batch):
         images += model.generate([p for _, _, p in items[k:k + batch]], seed=seed + k,
-                                 candidates=1)
+                                 candidates=1, name_colors=False)
     seconds = time.perf_counter() - t0
     rows = {region: {"images": 0, "in place": 0, "no object": 0} for region, _ in _REGIONS}
     spread = {region: 0 for region, _ in _REGIONS}  # where objects land, whatever was asked

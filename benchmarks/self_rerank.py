@@ -13,8 +13,13 @@ and scored, and the picks are compared:
   "yes") among the first k candidates, k = 2, 4, ... C;
 - ``oracle``: the prompt counts as right when any candidate is (an upper bound for any reranker).
 
+The candidates are drawn from the prompt as given, whatever the model's default; with
+``--name-colors`` each from its own rewrite (``generate(name_colors=True)``), read against the
+text it was drawn from, as ``generate`` reads it.
+
     python benchmarks/self_rerank.py                        # the shipped model, C = 4
     python benchmarks/self_rerank.py --candidates 8 --limit 64 --checkpoint runs/X/final
+    python benchmarks/self_rerank.py --name-colors --seed 1
 """
 
 from __future__ import annotations
@@ -37,17 +42,20 @@ from harmon.pipeline import SCORE_METHODS
 HERE = Path(__file__).resolve().parent
 
 
-def measure(model: Harmon, candidates: int, seed: int, limit: int | None) -> dict:
-    """Judge verdicts and self-scores of ``candidates`` draws per evaluation prompt, and the
-    judge's summaries of each way of picking one."""
+def measure(model: Harmon, candidates: int, seed: int, limit: int | None,
+            name_colors: bool = False) -> dict:
+    """Judge verdicts and self-scores of ``candidates`` draws per evaluation prompt (of its
+    rewrite with the free colours named, when ``name_colors``), and the judge's summaries of
+    each way of picking one."""
     specs = eval_prompts("all")[:limit]
     t0 = time.perf_counter()
     # one draw each (candidates=1 whatever the model's default): the pool the picks come from
-    images = generate_for_specs(model, specs, candidates, seed=seed, candidates=1)
+    images = generate_for_specs(model, specs, candidates, seed=seed, candidates=1,
+                                name_colors=name_colors)
     t_gen = time.perf_counter() - t0
     t0 = time.perf_counter()
     pool = [im for s in specs for im in images[s.prompt]]  # prompt-major, C per prompt
-    texts = [s.prompt for s in specs for _ in range(candidates)]
+    texts = [im.info["prompt"] for im in pool]  # the text each was drawn from
     scores = {}
     for m in SCORE_METHODS:
         flat = model.score(pool, texts, method=m).view(len(specs), candidates).tolist()
@@ -99,6 +107,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--limit", type=int, default=None, help="only the first N evaluation prompts")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name-colors", action="store_true",
+                   help="draw each candidate from its own rewrite with the free colours named")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "self_rerank.json"))
     args = p.parse_args()
@@ -106,13 +116,15 @@ def main() -> None:
         p.error(f"--candidates must be at least 2 to compare picks, got {args.candidates}")
     torch.set_num_threads(args.threads)
     model = Harmon.from_pretrained(args.checkpoint)
-    print(f"{model.name}: {args.candidates} candidates per prompt, seed {args.seed}")
-    result = measure(model, args.candidates, args.seed, args.limit)
+    print(f"{model.name}: {args.candidates} candidates per prompt, seed {args.seed}"
+          + (", free colours named" if args.name_colors else ""))
+    result = measure(model, args.candidates, args.seed, args.limit, args.name_colors)
     print_table(result)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"model": model.name, "provenance": model.provenance,
                                "seed": args.seed, "limit": args.limit, "threads": args.threads,
+                               "name_colors": args.name_colors,
                                **result}, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -384,15 +384,19 @@ def read_notes(path: str | Path) -> dict[str, str]:
 
 #: The paper's sampling settings, which ``Harmon.generate`` uses unless a model directory says
 #: otherwise in its ``sampling`` entry (as a Hugging Face ``generation_config.json`` does):
-#: guidance scale, head temperature, and one draw per image (``candidates``: best of N by the
-#: model's own reading, ``rerank`` saying how it reads them; the paper does not do this).
-PAPER_SAMPLING = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
+#: guidance scale, head temperature, one draw per image (``candidates``: best of N by the
+#: model's own reading, ``rerank`` saying how it reads them; the paper does not do this) and the
+#: prompt drawn as given (``name_colors``: ShapeWorld prompts completed with the colours they
+#: leave free; the paper does not do this either).
+PAPER_SAMPLING = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes",
+                  "name_colors": False}
 
 
 def check_sampling(sampling, where: str = "sampling") -> dict[str, float | int | str]:
     """``sampling`` ({"cfg": >= 1, "temperature": > 0, "candidates": an integer >= 1, "rerank":
-    one of :data:`~harmon.understand.SCORE_METHODS`}, every key optional) with cfg and
-    temperature as floats, or a ValueError naming ``where`` and what is wrong."""
+    one of :data:`~harmon.understand.SCORE_METHODS`, "name_colors": true or false}, every key
+    optional) with cfg and temperature as floats, or a ValueError naming ``where`` and what is
+    wrong."""
     if not isinstance(sampling, dict):
         raise ValueError(f"{where} must be a mapping like {{\"temperature\": 0.8}}, got "
                          f"{sampling!r}")
@@ -406,6 +410,11 @@ def check_sampling(sampling, where: str = "sampling") -> dict[str, float | int |
             if v not in SCORE_METHODS:
                 raise ValueError(f"{where}: rerank must be one of {list(SCORE_METHODS)}, got "
                                  f"{v!r}")
+            out[k] = v
+            continue
+        if k == "name_colors":
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}: name_colors must be true or false, got {v!r}")
             out[k] = v
             continue
         number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   harmon generate "a red circle" "two blue squares" -n 2 --seed 0 -o samples/
   harmon generate "a red circle and a blue star" --candidates 4   # best of 4, by the model itself
   harmon generate "a red circle and a blue star" --refine 3       # 3 rounds of self-correction
+  harmon generate "three circles" --no-name-colors              # leave the colours to the model
   harmon generate "a green star" --checkpoint /models/harmon_1.5b.pth --size 512 --device cuda
   harmon ask photo.png "What colour is the circle?"
   harmon caption photo.png
@@ -105,15 +106,19 @@ def cmd_generate(args) -> int:
                                 head_steps=args.head_steps, head_sampler=args.head_sampler,
                                 head_eta=args.head_eta, compile=args.compile,
                                 candidates=args.candidates, rerank=args.rerank,
-                                refine=args.refine, refine_fraction=args.refine_fraction,
+                                name_colors=args.name_colors, refine=args.refine,
+                                refine_fraction=args.refine_fraction,
                                 refine_steps=args.refine_steps, on_step=progress)
     finally:
         for bar in bars:
             bar.close()
-    for path, image in zip(paths, images):
+    given = [p for p in args.prompts for _ in range(args.num_images)]
+    for path, image, prompt in zip(paths, images, given):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
         print(path)
+        if image.info.get("prompt", prompt) != prompt:
+            print(f"{path}: drawn as {image.info['prompt']!r}", file=sys.stderr)
     best = args.candidates or model.sampling["candidates"]
     picked = f", each the best of {best} by its own reading" if best > 1 else ""
     print(f"{total} image(s) in {time.perf_counter() - t0:.1f}s with {model.name}{picked}",
@@ -157,7 +162,8 @@ def cmd_info(args) -> int:
     print(f"device      {info['device']}  dtype {info['dtype']}  image size {info['image_size']}")
     def settings(d):
         shown = {k: v for k, v in d.items() if k != "rerank" or d.get("candidates", 1) > 1}
-        return "  ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
+        return "  ".join(f"{k} {'on' if v else 'off'}" if isinstance(v, bool)
+                         else f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}"
                          for k, v in shown.items())
 
     paper = ("" if info["sampling"] == PAPER_SAMPLING
@@ -201,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the image?'), caption = p(PROMPT | 'Describe the image briefly.'), "
                         "questions = the answers to the questions the prompt asks (how many "
                         "circles, what colour; ShapeWorld prompts) (default: the model's)")
+    g.add_argument("--name-colors", action=argparse.BooleanOptionalAction, default=None,
+                   help="name a colour for every shape the prompt gives none (\"three circles\" "
+                        "is drawn as, e.g., \"three yellow circles\"; ShapeWorld prompts only; "
+                        "each completed prompt is printed) (default: the model's, see harmon info)")
     g.add_argument("--refine", type=int, default=0,
                    help="rounds of self-correction after the K steps: re-mask the tokens that "
                         "fit the rest worst and sample them again (default 0)")

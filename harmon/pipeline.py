@@ -19,7 +19,7 @@ from PIL import Image
 
 from . import checkpoints
 from .configs import HarmonConfig, PRESETS, preset
-from .data.shapeworld import prompt_questions
+from .data.shapeworld import complete_prompt, prompt_questions
 from .fast import FastHeadSampler
 from .generate import REFINE_FRACTION, REFINE_STEPS, StepInfo, sample_tokens, to_uint8
 from .models.harmon import HarmonModel
@@ -114,9 +114,9 @@ class Harmon:
         self.provenance = provenance  # how the weights were made ("trained_by" in config.json)
         # the line the model's training questions ended with; answer() appends it by default
         self.answer_instruction = answer_instruction
-        # generate()'s cfg, temperature, candidates and rerank when the call gives none: the
-        # paper's, unless these weights were measured to draw better with others (config.json
-        # "sampling")
+        # generate()'s cfg, temperature, candidates, rerank and name_colors when the call gives
+        # none: the paper's, unless these weights were measured to draw better with others
+        # (config.json "sampling")
         self.sampling = {**checkpoints.PAPER_SAMPLING, **checkpoints.check_sampling(sampling or {})}
         self._fast_heads: dict[tuple, FastHeadSampler] = {}
 
@@ -218,8 +218,8 @@ class Harmon:
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
         return torch.Generator(self.device).manual_seed(int(seed))
 
-    def _prompt_batch(self, prompts: Sequence[str], n: int, guided: bool):
-        rows = [self.tokenizer.generation_ids(p) for p in prompts for _ in range(n)]
+    def _prompt_batch(self, texts: Sequence[str], guided: bool):
+        rows = [self.tokenizer.generation_ids(t) for t in texts]
         if guided:
             rows += [self.tokenizer.unconditional_ids()] * len(rows)
         ids, mask = pad_ids(rows, self.tokenizer.pad_id)
@@ -228,6 +228,7 @@ class Harmon:
     @torch.no_grad()
     def generate(self, prompts: str | Sequence[str], *, num_images_per_prompt: int = 1,
                  candidates: int | None = None, rerank: str | None = None,
+                 name_colors: bool | None = None,
                  size: int | tuple[int, int] | None = None, steps: int | None = None,
                  cfg: float | None = None, cfg_schedule: str = "constant",
                  temperature: float | None = None, seed: int | None = None,
@@ -248,14 +249,19 @@ class Harmon:
                 ``generate(p, candidates=C, seed=s)`` are ``generate(p, candidates=1,
                 num_images_per_prompt=C, seed=s)``; the cost is C images and C scores.
             rerank: how the candidates are read (:meth:`score`'s ``method``).
+            name_colors: name a colour for every object the prompt names none for, drawn for each
+                image from the colours the ShapeWorld model was trained on
+                (:func:`harmon.data.shapeworld.complete_prompt`: "three circles" is drawn as
+                "three yellow circles"); prompts outside ShapeWorld's caption grammar are drawn
+                as given. Each image's ``info["prompt"]`` is the text it was drawn from.
             size: an int (square) or (height, width), multiples of 16; default the model's.
             steps: K, the number of masked-generation steps (default 64, the paper's; at most
                 the number of tokens, which is also the default for images of fewer tokens).
             cfg: guidance scale (>= 1; 1 disables guidance); cfg_schedule "constant" or "linear".
             temperature: of the diffusion head's draws (> 0).
-                cfg, temperature, candidates and rerank default to the model's
-                :attr:`sampling`: the paper's 3, 1 and one draw, unless the weights'
-                ``config.json`` names others (the shipped model does).
+                cfg, temperature, candidates, rerank and name_colors default to the model's
+                :attr:`sampling`: the paper's 3, 1, one draw and the prompt as given, unless
+                the weights' ``config.json`` names others (the shipped model does).
             seed / generator: same seed, same device, same images.
             on_step: called after every step with a :class:`~harmon.generate.StepInfo`.
             output: "pil" (list of images, prompt-major) or "uint8" ((B, H, W, 3) tensor).
@@ -283,6 +289,7 @@ class Harmon:
         temperature = self.sampling["temperature"] if temperature is None else temperature
         candidates = self.sampling["candidates"] if candidates is None else candidates
         rerank = self.sampling["rerank"] if rerank is None else rerank
+        name_colors = self.sampling["name_colors"] if name_colors is None else name_colors
         for name, v in (("num_images_per_prompt", num_images_per_prompt),
                         ("candidates", candidates)):
             if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
@@ -294,6 +301,8 @@ class Harmon:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if rerank not in SCORE_METHODS:
             raise ValueError(f"rerank must be one of {SCORE_METHODS}, got {rerank!r}")
+        if not isinstance(name_colors, bool):
+            raise ValueError(f"name_colors must be True or False, got {name_colors!r}")
         if output not in ("pil", "uint8"):
             raise ValueError(f"output must be 'pil' or 'uint8', got {output!r}")
         if mode not in ("fast", "reference"):
@@ -314,8 +323,12 @@ class Harmon:
             raise ValueError(f"steps must be an integer in [1, {grid[0] * grid[1]}] (the image's "
                              f"{grid[0]}x{grid[1]} tokens), got {steps!r}")
         n = num_images_per_prompt * candidates  # drawn per prompt, prompt-major
-        ids, mask = self._prompt_batch(prompts, n, cfg != 1.0)
         draws = TorchDraws(self._generator(seed, generator))
+        texts = [p for p in prompts for _ in range(n)]
+        if name_colors:
+            pick = lambda options: options[int(draws.randint(len(options), ()))]  # noqa: E731
+            texts = [complete_prompt(t, pick) for t in texts]
+        ids, mask = self._prompt_batch(texts, cfg != 1.0)
         head = None
         if mode == "fast":
             key = (compile, head_steps, head_sampler, float(head_eta))
@@ -332,22 +345,23 @@ class Harmon:
                                    refine_fraction=refine_fraction, refine_steps=refine_steps)
         finally:
             self.model.mar.pos_cache = None
-        P = len(prompts) * n
-        images = to_uint8(self.model.decode_tokens(tokens[:P], grid).float()).cpu()
+        images = to_uint8(self.model.decode_tokens(tokens[:len(texts)], grid).float()).cpu()
         if candidates > 1:
-            images = self._best_candidates(images, prompts, candidates, rerank)
+            best = self._best_candidates(images, texts, candidates, rerank)
+            images, texts = images[best], [texts[i] for i in best.tolist()]
         if output == "uint8":
             return images
-        return [Image.fromarray(im.numpy()) for im in images]
+        out = [Image.fromarray(im.numpy()) for im in images]
+        for im, text in zip(out, texts):
+            im.info["prompt"] = text
+        return out
 
-    def _best_candidates(self, images: torch.Tensor, prompts: list[str], candidates: int,
+    def _best_candidates(self, images: torch.Tensor, texts: list[str], candidates: int,
                          method: str) -> torch.Tensor:
-        """(P * n * C, H, W, 3) prompt-major draws -> (P * n, H, W, 3): the best of each C."""
-        per_prompt = images.shape[0] // len(prompts)
-        texts = [p for p in prompts for _ in range(per_prompt)]
+        """(P * n * C, H, W, 3) prompt-major draws and the text each was drawn from -> (P * n,)
+        indices of the best of each C, each read against its own text."""
         scores = self.score(images, texts, method=method).view(-1, candidates)  # (P * n, C)
-        best = scores.argmax(dim=1) + torch.arange(scores.shape[0]) * candidates
-        return images[best]
+        return scores.argmax(dim=1) + torch.arange(scores.shape[0]) * candidates
 
     def preview(self, info: StepInfo, grid: tuple[int, int]) -> list[Image.Image]:
         """Decode the tokens known so far (masked ones at zero) to images, for live previews."""

@@ -199,7 +199,7 @@ def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
 
     from harmon.train.ship import ship
 
-    paper = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
+    paper = {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes", "name_colors": False}
     assert tiny_harmon.sampling == paper
     plain = tiny_harmon.save_pretrained(tmp_path / "plain")
     assert "sampling" not in json.loads((plain / "config.json").read_text())
@@ -216,6 +216,8 @@ def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
     asks = Harmon.from_pretrained(ship(src, tmp_path / "asks", sampling={"candidates": 2,
                                                                          "rerank": "questions"}))
     assert asks.sampling == {**paper, "temperature": 0.8, "candidates": 2, "rerank": "questions"}
+    names = Harmon.from_pretrained(ship(src, tmp_path / "names", sampling={"name_colors": True}))
+    assert names.sampling == {**paper, "temperature": 0.8, "name_colors": True}
     kw = dict(steps=4, seed=0, output="uint8")
     own = model.generate("a red circle", **kw)
     assert torch.equal(own, model.generate("a red circle", temperature=0.8, cfg=3.0, **kw))
@@ -229,6 +231,9 @@ def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
     assert torch.equal(own, best.generate("a red circle", candidates=1, **kw))
     assert torch.equal(asks.generate("a red circle", **kw),
                        model.generate("a red circle", candidates=2, rerank="questions", **kw))
+    assert torch.equal(names.generate("a circle", **kw),
+                       model.generate("a circle", name_colors=True, **kw))
+    assert not torch.equal(names.generate("a circle", **kw), model.generate("a circle", **kw))
     for bad, match in (({"temperature": 0}, "temperature must be a finite number > 0, got 0"),
                        ({"cfg": 0.5}, "cfg must be a finite number >= 1, got 0.5"),
                        ({"top_k": 5}, r"unknown keys \['top_k'\]"),
@@ -236,6 +241,7 @@ def test_sampling_defaults_are_kept_used_and_checked(tmp_path, tiny_harmon):
                        ({"candidates": 1.5}, "candidates must be an integer >= 1, got 1.5"),
                        ({"candidates": True}, "candidates must be an integer >= 1, got True"),
                        ({"rerank": "clip"}, r"rerank must be one of \['yes', 'caption', "),
+                       ({"name_colors": "yes"}, "name_colors must be true or false, got 'yes'"),
                        (0.8, "must be a mapping")):
         cfg = json.loads((src / "config.json").read_text())
         cfg["sampling"] = bad

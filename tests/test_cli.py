@@ -40,6 +40,22 @@ def test_generate_best_of_candidates(tmp_path, capsys):
     assert not (tmp_path / "no.png").exists()
 
 
+def test_generate_names_free_colours_and_says_so(tmp_path, capsys):
+    from harmon import Harmon
+
+    out = tmp_path / "c.png"
+    assert main(["generate", "two stars", "--steps", "2", "--seed", "3", "--name-colors", "-o",
+                 str(out), "--checkpoint", "tiny", "-q"]) == 0
+    want = Harmon.from_pretrained("tiny").generate("two stars", steps=2, seed=3, name_colors=True)
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(want[0]))
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)  # stdout stays the list of files
+    assert f"{out}: drawn as {want[0].info['prompt']!r}" in captured.err
+    assert main(["generate", "two stars", "--steps", "2", "--no-name-colors", "-o",
+                 str(tmp_path / "p.png"), "--checkpoint", "tiny", "-q"]) == 0
+    assert "drawn as" not in capsys.readouterr().err
+
+
 def test_generate_to_directory_and_rectangular(tmp_path):
     assert main(["generate", "x", "--steps", "2", "--size", "32x48", "-o", str(tmp_path / "d"),
                  "--checkpoint", "tiny", "-q"]) == 0
@@ -69,9 +85,11 @@ def test_ask_caption_info(tmp_path, capsys):
     assert main(["info", "--checkpoint", "tiny", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["device"] == "cpu" and info["total_parameters"] > 0 and not info["trained"]
-    assert info["sampling"] == {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes"}
+    assert info["sampling"] == {"cfg": 3.0, "temperature": 1.0, "candidates": 1, "rerank": "yes",
+                                "name_colors": False}
     assert main(["info", "--checkpoint", "tiny"]) == 0
-    assert "sampling    cfg 3  temperature 1  candidates 1\n" in capsys.readouterr().out
+    assert "sampling    cfg 3  temperature 1  candidates 1  name_colors off\n" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -45,7 +45,7 @@ def test_fast_generation_equals_reference(tiny_harmon, cfg, schedule, temperatur
 
 def test_fast_tokens_close_to_reference(tiny_harmon):
     model = tiny_harmon.model
-    ids, mask = tiny_harmon._prompt_batch(["a green square"], 2, True)
+    ids, mask = tiny_harmon._prompt_batch(["a green square"] * 2, True)
     ref = sample_tokens(model, ids, mask, (4, 4), TorchDraws(torch.Generator().manual_seed(0)),
                         num_iter=5)
     fast = sample_tokens(model, ids, mask, (4, 4), TorchDraws(torch.Generator().manual_seed(0)),
@@ -88,7 +88,7 @@ def test_fast_step_gives_the_reference_conditions(tiny_harmon, guided):
     from harmon.models.llm import PromptCache
 
     model = tiny_harmon.model
-    ids, am = tiny_harmon._prompt_batch(["a red circle", "two big blue stars on the left"], 1,
+    ids, am = tiny_harmon._prompt_batch(["a red circle", "two big blue stars on the left"],
                                         guided)
     assert len(set(am.sum(1).tolist())) > 1  # right padding is exercised
     R, grid, N = ids.shape[0], (4, 4), 16
@@ -119,7 +119,7 @@ def test_fast_step_in_bfloat16_gives_the_reference_conditions():
 
     h = Harmon.from_pretrained("tiny", dtype="bfloat16", seed=0)
     model = h.model
-    ids, am = h._prompt_batch(["a red circle", "two big blue stars on the left"], 1, True)
+    ids, am = h._prompt_batch(["a red circle", "two big blue stars on the left"], True)
     R, grid, N = ids.shape[0], (4, 4), 16
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(R, N, 16, generator=g).bfloat16()

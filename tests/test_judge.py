@@ -647,7 +647,7 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
     def recording_generate(prompts, **kw):
         calls.append((kw["cfg"], kw["cfg_schedule"], kw["temperature"], kw["steps"],
                       kw["refine"], kw["seed"], kw["refine_fraction"], kw["refine_steps"],
-                      kw["candidates"]))
+                      kw["candidates"], kw["name_colors"]))
         return generate(prompts, **kw)
 
     model.generate = recording_generate
@@ -656,22 +656,26 @@ def test_guidance_sweep_passes_each_setting_through(capsys):
     rows = mod["sweep"](model, settings, samples=1, seed=5, limit=2,
                         on_row=lambda rs: seen.append(len(rs)), refine_fraction=0.3, refine_steps=2)
     assert seen == [1, 2]
-    # one batch of 2 prompts per setting, one draw per image whatever the model's default
-    assert calls == [s + (5, 0.3, 2, 1) for s in settings]
+    # one batch of 2 prompts per setting, one draw of the prompt as given per image whatever the
+    # model's defaults
+    assert calls == [s + (5, 0.3, 2, 1, False) for s in settings]
     assert [(r["cfg"], r["cfg_schedule"], r["temperature"], r["steps"], r["refine"])
             for r in rows] == settings
     assert all(r["refine_fraction"] == 0.3 and r["refine_steps"] == 2 for r in rows)
     assert [r["images"] for r in rows] == [2, 2]
     direct = evaluate_generation(model, samples=1, seed=5, limit=2, progress=False, cfg=4.0,
                                  cfg_schedule="linear", temperature=0.5, steps=4, refine=1,
-                                 refine_fraction=0.3, refine_steps=2, candidates=1)
+                                 refine_fraction=0.3, refine_steps=2, candidates=1,
+                                 name_colors=False)
     assert rows[1]["summary"] == direct
     assert "cfg    4 linear" in capsys.readouterr().out
 
 
-def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
+@pytest.mark.parametrize("name_colors", [False, True])
+def test_self_rerank_benchmark_picks_what_generate_keeps(capsys, name_colors):
     """benchmarks/self_rerank.py: its "best of C" rows judge exactly the images that
-    generate(candidates=C) returns, and its hindsight row is at least as good as any pick."""
+    generate(candidates=C) returns (of the prompt as given, or with the free colours named),
+    and its hindsight row is at least as good as any pick."""
     from harmon import Harmon
     from harmon.eval.model_eval import evaluate_generation
 
@@ -679,14 +683,14 @@ def test_self_rerank_benchmark_picks_what_generate_keeps(capsys):
     model = Harmon.from_pretrained()
     generate = model.generate
     model.generate = lambda prompts, **kw: generate(prompts, steps=4, **kw)  # fast
-    result = mod["measure"](model, candidates=2, seed=5, limit=3)
+    result = mod["measure"](model, candidates=2, seed=5, limit=3, name_colors=name_colors)
     rows = result["rows"]
     assert list(rows) == ["first", "any one", "yes, best of 2", "caption, best of 2",
                           "questions, best of 2", "oracle"]
     assert rows["any one"]["images"] == 6 and rows["first"]["images"] == 3
     for method in ("yes", "caption", "questions"):
         direct = evaluate_generation(model, samples=1, seed=5, limit=3, progress=False,
-                                     candidates=2, rerank=method)
+                                     candidates=2, rerank=method, name_colors=name_colors)
         for cat in direct["categories"].values():
             del cat["prompts"]  # evaluate_generation's addition
         assert rows[f"{method}, best of 2"] == direct
@@ -831,7 +835,7 @@ def test_place_use_counts_objects_in_the_named_cell():
         def __init__(self, obey: bool):
             self.obey = obey
 
-        def generate(self, prompts, seed=0, candidates=1):
+        def generate(self, prompts, seed=0, candidates=1, name_colors=False):
             out = []
             for p in prompts:
                 region = next(r for r, phrase in sorted(_REGIONS, key=lambda x: -len(x[1]))

@@ -10,7 +10,7 @@ from harmon.rng import TorchDraws
 
 def _prompt(tiny_harmon):
     """Two prompts, guided: (4, L) ids and padding mask, the conditional rows first."""
-    return tiny_harmon._prompt_batch(["a red circle", "two blue squares"], 1, True)
+    return tiny_harmon._prompt_batch(["a red circle", "two blue squares"], True)
 
 
 def test_a_round_resamples_exactly_the_worst_tokens(tiny_harmon):

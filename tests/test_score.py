@@ -100,3 +100,37 @@ def test_bad_candidates_are_clear_errors(tiny_harmon, kwargs, match):
 def test_bad_score_input_is_a_clear_error(tiny_harmon, images, texts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_harmon.score(_images(images), texts, **kwargs)
+
+
+def test_complete_draws_each_image_from_its_own_completed_prompt(tiny_harmon):
+    """name_colors=True names the free colours per drawn image (seeded), draws the image from that
+    text (info["prompt"]) and reads each candidate against its own text; prompts outside the
+    grammar, or naming every colour, are drawn exactly as without it."""
+    from harmon.data.shapeworld import parse_prompt
+
+    kw = dict(steps=2, seed=5)
+    out = tiny_harmon.generate(["three circles", "a square"], num_images_per_prompt=3,
+                               name_colors=True, **kw)
+    texts = [im.info["prompt"] for im in out]
+    assert [parse_prompt(t)[0][0][0] for t in texts] == ["circle"] * 3 + ["square"] * 3
+    assert all(parse_prompt(t)[0][0][1] is not None for t in texts)
+    assert len(set(texts)) > 2  # drawn per image, not once per prompt
+    # the same seed, the same texts and images; each image is what its text draws
+    again = tiny_harmon.generate(["three circles", "a square"], num_images_per_prompt=3,
+                                 name_colors=True, **kw)
+    assert [im.info["prompt"] for im in again] == texts
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out, again))
+    plain = tiny_harmon.generate(texts, **kw)
+    assert plain[0].info["prompt"] == texts[0]
+    for text in ("a red circle", "a photo of a cat"):
+        a = tiny_harmon.generate(text, name_colors=True, output="uint8", **kw)
+        assert torch.equal(a, tiny_harmon.generate(text, output="uint8", **kw)), text
+    # best of C: the candidates are the draws of num_images_per_prompt=C, each read against
+    # the text it was drawn from
+    best = tiny_harmon.generate("two stars", candidates=3, name_colors=True, **kw)
+    pool = tiny_harmon.generate("two stars", num_images_per_prompt=3, name_colors=True, **kw)
+    scores = tiny_harmon.score(pool, [im.info["prompt"] for im in pool])
+    pick = pool[int(scores.argmax())]
+    assert best[0].tobytes() == pick.tobytes() and best[0].info["prompt"] == pick.info["prompt"]
+    with pytest.raises(ValueError, match="name_colors must be True or False"):
+        tiny_harmon.generate("a circle", name_colors="yes", **kw)

@@ -676,3 +676,45 @@ def test_flaw_prob_flaws_that_share_of_the_vqa_stream_only():
     asked = [h["value"] for i in range(40) for h in worded.conversation_for(i, turns=3)[0][::2]]
     assert not any("What shape is in the image?" in q or "What color is the object?" in q
                    for q in asked)
+
+
+def test_parse_prompt_reads_the_caption_grammar():
+    from harmon.data.shapeworld import parse_prompt
+
+    assert parse_prompt("A red circle to the left of two squares.") == (
+        [("circle", "red", 1), ("square", None, 2)], "to the left of")
+    assert parse_prompt("a circle, a star and three crosses") == (
+        [("circle", None, 1), ("star", None, 1), ("cross", None, 3)], None)
+    for text in ("a photo of a cat", "four circles and three circles", "", None, 3):
+        assert parse_prompt(text) is None, text
+
+
+def test_complete_prompt_names_a_trained_colour_for_every_phrase_without_one():
+    from harmon.data.shapeworld import HELDOUT_PAIRS, complete_prompt, parse_prompt, trained_colors
+
+    first = lambda options: options[0]  # noqa: E731
+    assert complete_prompt("three circles", first) == "three red circles"  # one colour a phrase
+    # the colours a prompt names are not drawn again, and each phrase gets its own
+    assert complete_prompt("a red circle and a square", first) == \
+        "a red circle and an orange square"
+    assert complete_prompt("a circle to the left of a square", first) == \
+        "a red circle to the left of an orange square"
+    # a held-out pair is never drawn: the first trained colour of a semicircle is orange
+    assert ("red", "semicircle") in HELDOUT_PAIRS
+    assert complete_prompt("a semicircle", first) == "an orange semicircle"
+    assert trained_colors("circle") == [c for c in COLOR_NAMES if c != "purple"]
+    seen = []
+    complete_prompt("a red star, a blue star and two stars", lambda o: seen.append(o) or o[-1])
+    assert seen == [[c for c in trained_colors("star") if c not in ("red", "blue")]]
+    # every completion is a prompt of the grammar again, with every colour named
+    rng = np.random.default_rng(0)
+    for text in ("a circle", "two triangles and a star", "a cross below a blue diamond"):
+        for _ in range(20):
+            done = complete_prompt(text, lambda o: o[rng.integers(len(o))])
+            objects, _ = parse_prompt(done)
+            assert all(c is not None and (c, s) not in HELDOUT_PAIRS for s, c, _ in objects), done
+    # texts outside the grammar, and prompts naming every colour, come back as they are
+    for text in ("a photo of a cat", "A red circle.", "two blue squares above a red star", ""):
+        assert complete_prompt(text, first) == text
+    with pytest.raises(ValueError, match="not one of the options"):
+        complete_prompt("a circle", lambda options: "pink")

@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -155,6 +156,25 @@ def test_generate_best_of_candidates(server, tiny_harmon):
         [im.tobytes() for im in direct]
 
 
+def test_generate_names_free_colours_and_reports_the_texts(server, tiny_harmon, monkeypatch):
+    status, raw = call(server, "/api/generate", {"prompt": "two stars", "n": 2, "seed": 1,
+                                                 "steps": 2, "name_colors": True})
+    done = events(raw)[-1]
+    assert status == 200 and done["type"] == "done"
+    direct = tiny_harmon.generate("two stars", num_images_per_prompt=2, size=32, steps=2, seed=1,
+                                  name_colors=True)
+    assert done["prompts"] == [im.info["prompt"] for im in direct] and "stars" in done["prompts"][0]
+    assert [decode_data_url(u).convert("RGB").tobytes() for u in done["images"]] == \
+        [im.tobytes() for im in direct]
+    # naming none gets the model's own default
+    from harmon.web.server import ServerSettings, parse_generate
+
+    assert parse_generate({"prompt": "a"}, tiny_harmon, ServerSettings()).name_colors is False
+    monkeypatch.setitem(tiny_harmon.sampling, "name_colors", True)
+    assert parse_generate({"prompt": "a"}, tiny_harmon, ServerSettings()).name_colors is True
+    assert call(server, "/api/info")[1]["defaults"]["name_colors"] is True
+
+
 def test_generate_with_self_correction(server, tiny_harmon):
     status, raw = call(server, "/api/generate", {"prompt": "a red circle", "seed": 2, "steps": 2,
                                                  "refine": 2})
@@ -191,6 +211,7 @@ def test_long_prompt_is_truncated_with_a_warning_and_seed_reported(server):
     ({"prompt": "a", "seed": "abc"}, 400, "seed must be an integer"),
     ({"prompt": "a", "size": 40}, 400, "multiple of 16"),
     ({"prompt": "a", "cfg_schedule": "cubic"}, 400, "cfg_schedule"),
+    ({"prompt": "a", "name_colors": "yes"}, 400, "name_colors must be true or false"),
     (b"{not json", 400, "not valid JSON"),
     (b"[1, 2]", 400, "JSON object"),
 ])
@@ -343,6 +364,17 @@ def test_page_in_headless_chromium(server, tmp_path):
             assert "seed 5" in page.inner_text("#gen-status")
             assert "1 round(s) of self-correction" in page.inner_text("#gen-status")
             assert "best of 2" in page.inner_text("#gen-status")
+            assert "drawn as" not in page.inner_text("#images")  # the prompt names its colours
+
+            # a shape without a colour, with "Name colours" ticked: the text drawn is shown
+            assert not page.is_checked("#name-colors")  # the tiny model's default
+            page.fill("#prompt", "two stars")
+            page.fill("#candidates", "1")
+            page.fill("#refine", "0")
+            page.check("#name-colors")
+            page.click("#generate")
+            page.wait_for_selector("#images .drawn-as")
+            assert re.search(r"drawn as “two \w+ stars”", page.inner_text("#images"))
 
             page.set_input_files("#image", str(upload))
             page.fill("#question", "What colour is the circle?")

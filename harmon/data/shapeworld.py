@@ -34,7 +34,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -209,25 +209,23 @@ def _phrase_objects(phrase: str) -> tuple[str, str | None, int] | None:
     return shape, color, n
 
 
-def prompt_questions(text: str) -> list[tuple[str, str]] | None:
-    """The questions an image that shows ``text`` answers, with their answers, in the wordings of
-    :meth:`Scene.questions` (without the answer instruction); None where ``text`` is not a prompt
-    of the caption grammar: one to three noun phrases joined by "and" (or ", "), or two by a
-    relation ("a red circle to the left of two squares").
+def parse_prompt(text: str) -> tuple[list[tuple[str, str | None, int]], str | None] | None:
+    """A prompt of the caption grammar as ``(objects, relation)``: ``objects`` are ``(shape,
+    colour or None, count)`` per noun phrase, ``relation`` the phrase between two of them ("to the
+    left of") or None. None where ``text`` is not such a prompt: one to three noun phrases joined by
+    "and" (or ", "), or two by a relation, at most six of one shape in all.
 
-    Asked: how many of each named shape there are, whether each coloured one is there, and the
-    colour of each shape named once. Relations are not asked: what a relation question gets
-    from a model is not yet evidence (the shipped model answers them at chance).
-
-        >>> prompt_questions("three circles")
-        [('How many circles are there in the image?', 'three')]
+        >>> parse_prompt("a red circle to the left of two squares")
+        ([('circle', 'red', 1), ('square', None, 2)], 'to the left of')
     """
+    if not isinstance(text, str):
+        return None
     t = " ".join(text.lower().strip().rstrip(".").split())
-    parts = None
+    parts, relation = None, None
     for phrase in RELATIONS.values():
         halves = t.split(f" {phrase} ")
         if len(halves) == 2:
-            parts = halves
+            parts, relation = halves, phrase
             break
     if parts is None:
         parts = [p for chunk in t.split(" and ") for p in chunk.split(", ")]
@@ -239,6 +237,28 @@ def prompt_questions(text: str) -> list[tuple[str, str]] | None:
         counts[shape] = counts.get(shape, 0) + n
     if max(counts.values()) > max(NUMBER_WORDS):
         return None
+    return objects, relation
+
+
+def prompt_questions(text: str) -> list[tuple[str, str]] | None:
+    """The questions an image that shows ``text`` answers, with their answers, in the wordings of
+    :meth:`Scene.questions` (without the answer instruction); None where ``text`` is not a prompt
+    of the caption grammar (:func:`parse_prompt`).
+
+    Asked: how many of each named shape there are, whether each coloured one is there, and the
+    colour of each shape named once. Relations are not asked: what a relation question gets
+    from a model is not yet evidence (the shipped model answers them at chance).
+
+        >>> prompt_questions("three circles")
+        [('How many circles are there in the image?', 'three')]
+    """
+    parsed = parse_prompt(text)
+    if parsed is None:
+        return None
+    objects = parsed[0]
+    counts: dict[str, int] = {}
+    for shape, _, n in objects:
+        counts[shape] = counts.get(shape, 0) + n
     checks = [(f"How many {SHAPES[s]} are there in the image?", NUMBER_WORDS[n])
               for s, n in counts.items()]
     for shape, color, n in objects:
@@ -247,6 +267,43 @@ def prompt_questions(text: str) -> list[tuple[str, str]] | None:
             if counts[shape] == 1:
                 checks.append((f"What color is the {shape}?", color))
     return checks
+
+
+def trained_colors(shape: str) -> list[str]:
+    """The colours a training world (``ShapeWorld(holdout=True)``, the default) draws ``shape`` in:
+    every colour but those of :data:`HELDOUT_PAIRS`."""
+    return [c for c in COLOR_NAMES if (c, check_shape(shape)) not in HELDOUT_PAIRS]
+
+
+def complete_prompt(text: str, choose: Callable[[Sequence[str]], str]) -> str:
+    """``text`` with a colour named for every noun phrase of it that names none, as the training
+    captions name them: "three circles" -> "three yellow circles" (one colour for a counted
+    phrase), "a circle to the left of a square" -> "a red circle to the left of a blue square".
+
+    The colours are ``choose(options)``'s, one call per phrase without a colour, in the order of
+    the phrases; the options are :func:`trained_colors` of the phrase's shape less the colours
+    the prompt already names, or all of them when that leaves none. ``text`` comes back as it is
+    when it is not a prompt of the caption grammar (:func:`parse_prompt`) or names every colour.
+    Why: the shipped model draws a prompt without colours worse than one with them (an object's
+    colour left free turns into another across it), the way an image generator given a bare
+    prompt draws worse than one given a detailed one; naming the free colours is prompt
+    upsampling by the world's grammar.
+    """
+    parsed = parse_prompt(text)
+    if parsed is None or all(color is not None for _, color, _ in parsed[0]):
+        return text
+    objects, relation = parsed
+    used = [color for _, color, _ in objects if color is not None]
+    phrases = []
+    for shape, color, n in objects:
+        if color is None:
+            options = [c for c in trained_colors(shape) if c not in used] or trained_colors(shape)
+            color = choose(options)
+            if color not in options:
+                raise ValueError(f"choose returned {color!r}, not one of the options {options}")
+            used.append(color)
+        phrases.append(noun_phrase(shape, color, n))
+    return f" {relation} ".join(phrases) if relation else _join(phrases)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ precision, recall, F1 and yes-ratio.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -118,6 +119,9 @@ def add_eval_model_command(subparsers) -> None:
     p.add_argument("--rerank", default=None, choices=SCORE_METHODS,
                    help="how the model compares candidates (harmon generate --rerank; default: "
                         "the model's, see harmon info)")
+    p.add_argument("--name-colors", action=argparse.BooleanOptionalAction, default=None,
+                   help="name the colours a prompt leaves free (harmon generate --name-colors; "
+                        "default: the model's, see harmon info)")
     p.add_argument("--refine", type=int, default=0,
                    help="rounds of self-correction per image (harmon generate --refine)")
     _add_model_args(p)
@@ -132,17 +136,20 @@ def _cmd_eval_model(args) -> int:
         args.candidates = model.sampling["candidates"]
     if args.rerank is None:
         args.rerank = model.sampling["rerank"]
+    if args.name_colors is None:
+        args.name_colors = model.sampling["name_colors"]
     t0 = time.perf_counter()
     out = Path(args.out) if args.out else None
     gen = evaluate_generation(model, args.samples, seed=args.seed,
                               out_dir=out / "images" if out else None, mode=args.mode,
                               candidates=args.candidates, rerank=args.rerank,
-                              refine=args.refine)
+                              name_colors=args.name_colors, refine=args.refine)
     vqa = evaluate_understanding(model, args.vqa_images, seed=args.seed)
     ceiling = evaluate_reconstruction(model, args.samples, seed=args.seed)
     best = f" (each image the best of {args.candidates} by --rerank {args.rerank})" \
         if args.candidates > 1 else ""
     best += f" ({args.refine} rounds of self-correction)" if args.refine else ""
+    best += " (free colours named)" if args.name_colors else ""
     print(format_table(gen, title=f"generation: {model.name}{best}"))
     print(f"ceiling (the judge on the VAE's reconstructions of true scenes): overall "
           f"{ceiling['overall']:.3f}, held-out {ceiling['heldout']['overall']:.3f}")
@@ -150,7 +157,7 @@ def _cmd_eval_model(args) -> int:
     scores = {"model": model.name, "generation": gen, "understanding": vqa, "ceiling": ceiling,
               "seconds": time.perf_counter() - t0, "samples": args.samples,
               "vqa_images": args.vqa_images, "seed": args.seed, "candidates": args.candidates,
-              "rerank": args.rerank, "refine": args.refine}
+              "rerank": args.rerank, "name_colors": args.name_colors, "refine": args.refine}
     if out:
         out.mkdir(parents=True, exist_ok=True)
         (out / "scores.json").write_text(json.dumps(scores, indent=1, default=str))

@@ -58,9 +58,10 @@ def ship(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.float16,
     """Write ``src`` (a model directory) to ``dst`` in ``dtype`` (``int8``: its weight matrices
     in int8 with per-row scales, the rest in ``dtype``), keeping its provenance note;
     ``decoder``: a ``harmon train-vae --decoder-only`` output whose decoder replaces the model's;
-    ``sampling``: the cfg / temperature / candidates / rerank ``generate`` uses by default with
-    these weights (e.g. ``{"temperature": 0.8}``, as measured by ``benchmarks/guidance_sweep.py``,
-    or ``{"candidates": 2}``, by ``benchmarks/self_rerank.py``)."""
+    ``sampling``: the cfg / temperature / candidates / rerank / name_colors ``generate`` uses by
+    default with these weights (e.g. ``{"temperature": 0.8}``, as measured by
+    ``benchmarks/guidance_sweep.py``, or ``{"candidates": 2}``, by
+    ``benchmarks/self_rerank.py``)."""
     model = Harmon.from_pretrained(src, device="cpu", dtype=dtype)
     model.sampling.update(checkpoints.check_sampling(sampling or {}))
     notes = [model.provenance] if model.provenance else []
@@ -95,11 +96,15 @@ if __name__ == "__main__":
                         "like the prompt (default: the source's, else 1)")
     parser.add_argument("--rerank", choices=SCORE_METHODS, help="how generate reads the "
                         "candidates by default (default: the source's, else yes)")
+    parser.add_argument("--name-colors", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether generate names the colours a prompt leaves free by "
+                        "default (default: the source's, else no)")
     args = parser.parse_args()
     try:
         ship(args.src, args.dst, int8=args.int8, decoder=args.decoder,
              sampling={k: v for k, v in (("cfg", args.cfg), ("temperature", args.temperature),
                                          ("candidates", args.candidates),
-                                         ("rerank", args.rerank)) if v is not None})
+                                         ("rerank", args.rerank), ("name_colors", args.name_colors))
+                       if v is not None})
     except (OSError, ValueError) as e:  # bad paths or a decoder that does not fit: say which
         parser.error(str(e))

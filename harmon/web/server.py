@@ -5,8 +5,8 @@ Standard library only: a :class:`http.server.ThreadingHTTPServer` serves the sta
 
     GET  /                  the page (index.html, app.js, style.css)
     GET  /api/info          model name, device, dtype, ``trained``, page defaults and limits
-    POST /api/generate      JSON {prompt, n, seed, cfg, steps, candidates?, refine?, size?} ->
-                            text/event-stream:
+    POST /api/generate      JSON {prompt, n, seed, cfg, steps, candidates?, refine?,
+                            name_colors?, size?} -> text/event-stream:
                             queued?, warning*, progress (with previews)*, then done or error
     POST /api/answer        multipart/form-data (image, question) or JSON {image: base64 or
                             data URL, question} -> {"answer": ...}
@@ -154,6 +154,7 @@ class GenerateRequest:
     temperature: float = 1.0
     candidates: int = 1
     refine: int = 0
+    name_colors: bool = False
 
 
 def page_cfg(model, settings: ServerSettings) -> float:
@@ -183,6 +184,11 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
     if schedule not in ("constant", "linear"):
         raise RequestError(400, f"cfg_schedule must be 'constant' or 'linear', got {schedule!r}")
     seed = _number(body, "seed", None, 0, 2 ** 31 - 1, True)
+    name_colors = body.get("name_colors")
+    if name_colors is None:
+        name_colors = model.sampling["name_colors"]
+    if not isinstance(name_colors, bool):
+        raise RequestError(400, f"name_colors must be true or false, got {name_colors!r}")
     return GenerateRequest(
         prompt=prompt,
         n=_number(body, "n", 1, 1, settings.max_images, True),
@@ -193,7 +199,7 @@ def parse_generate(body: dict, model, settings: ServerSettings) -> GenerateReque
         temperature=_number(body, "temperature", model.sampling["temperature"], 1e-3, 10.0, False),
         candidates=_number(body, "candidates", page_candidates(model, settings), 1,
                            settings.max_candidates, True),
-        refine=_number(body, "refine", 0, 0, settings.max_refine, True))
+        refine=_number(body, "refine", 0, 0, settings.max_refine, True), name_colors=name_colors)
 
 
 def parse_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
@@ -391,7 +397,8 @@ class HarmonHandler(BaseHTTPRequestHandler):
         info["defaults"] = {"n": 1, "seed": 0, "cfg": page_cfg(model, s), "steps": s.steps,
                             "temperature": model.sampling["temperature"],
                             "candidates": page_candidates(model, s),
-                            "refine": 0, "size": s.size or model.cfg.image_size}
+                            "refine": 0, "size": s.size or model.cfg.image_size,
+                            "name_colors": model.sampling["name_colors"]}
         info["limits"] = {"max_images": s.max_images, "max_candidates": s.max_candidates,
                           "max_refine": s.max_refine, "max_body_bytes": s.max_body_bytes,
                           "max_image_side": s.max_image_side, "max_prompt_tokens": 128,
@@ -459,7 +466,7 @@ class HarmonHandler(BaseHTTPRequestHandler):
                                         cfg_schedule=req.cfg_schedule,
                                         temperature=req.temperature, seed=req.seed,
                                         candidates=req.candidates, refine=req.refine,
-                                        compile=s.compile,
+                                        name_colors=req.name_colors, compile=s.compile,
                                         on_step=on_step)
             except ClientGone:
                 return
@@ -476,6 +483,7 @@ class HarmonHandler(BaseHTTPRequestHandler):
             try:
                 flush_warnings()
                 self._event({"type": "done", "images": [png_data_url(im) for im in images],
+                             "prompts": [im.info.get("prompt", req.prompt) for im in images],
                              "seed": req.seed, "size": req.size, "steps": req.steps,
                              "cfg": req.cfg, "candidates": req.candidates,
                              "refine": req.refine,

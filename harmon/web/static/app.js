@@ -68,6 +68,7 @@ async function loadInfo() {
     $("seed").value = d.seed; $("cfg").value = d.cfg; $("steps").value = d.steps;
     $("candidates").value = d.candidates; $("candidates").max = limits.max_candidates;
     $("refine").value = d.refine; $("refine").max = limits.max_refine;
+    $("name-colors").checked = d.name_colors;
     document.body.dataset.ready = "1";
   } catch (e) {
     $("model-info").textContent = `could not reach the server: ${e.message}`;
@@ -105,6 +106,7 @@ async function generate(event) {
     prompt: $("prompt").value,
     n: $("n").value, seed: $("seed").value, cfg: $("cfg").value, steps: $("steps").value,
     candidates: $("candidates").value, refine: $("refine").value,
+    name_colors: $("name-colors").checked,
   };
   button.disabled = true;
   button.textContent = "Generating…";
@@ -160,6 +162,14 @@ async function generate(event) {
           const cap = fig.querySelector("figcaption");
           cap.textContent = `seed ${ev.seed} · #${i + 1} · `;
           cap.appendChild(link);
+          // the text this image was drawn from, where the model named colours the prompt left free
+          const drawn = ev.prompts && ev.prompts[i];
+          if (drawn && drawn !== body.prompt) {
+            const as = document.createElement("span");
+            as.className = "drawn-as";
+            as.textContent = `drawn as “${drawn}”`;
+            cap.append(document.createElement("br"), as);
+          }
         });
         $("gen-status").textContent =
           `${ev.images.length} image(s)` +
