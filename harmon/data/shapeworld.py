@@ -232,12 +232,17 @@ def parse_prompt(text: str) -> tuple[list[tuple[str, str | None, int]], str | No
     objects = [_phrase_objects(p) for p in parts]
     if not 1 <= len(objects) <= 3 or any(o is None for o in objects):
         return None
+    if max(_shape_counts(objects).values()) > max(NUMBER_WORDS):
+        return None
+    return objects, relation
+
+
+def _shape_counts(objects: Sequence[tuple[str, str | None, int]]) -> dict[str, int]:
+    """{shape: how many the noun phrases ask for in all}, in the order shapes are first named."""
     counts: dict[str, int] = {}
     for shape, _, n in objects:
         counts[shape] = counts.get(shape, 0) + n
-    if max(counts.values()) > max(NUMBER_WORDS):
-        return None
-    return objects, relation
+    return counts
 
 
 def prompt_questions(text: str) -> list[tuple[str, str]] | None:
@@ -256,9 +261,7 @@ def prompt_questions(text: str) -> list[tuple[str, str]] | None:
     if parsed is None:
         return None
     objects = parsed[0]
-    counts: dict[str, int] = {}
-    for shape, _, n in objects:
-        counts[shape] = counts.get(shape, 0) + n
+    counts = _shape_counts(objects)
     checks = [(f"How many {SHAPES[s]} are there in the image?", NUMBER_WORDS[n])
               for s, n in counts.items()]
     for shape, color, n in objects:
